@@ -1,0 +1,1 @@
+"""Gradio web demo of the dass package (``dass-demo`` or ``python app/app.py``)."""

@@ -1,0 +1,542 @@
+"""Gradio demo: segment street scenes with exported BiDA models, on CPU, in a browser.
+
+Everything the page shows comes from ``dass_deploy`` (``Segmenter`` for inference, ``visualize`` for colours,
+``pipeline`` for videos): the demo adds no inference code of its own, so what you see is what the CLI and the
+runtime produce. Start it with ``dass-demo --models models/`` or ``python app/app.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import html
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python app/app.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cv2
+import gradio as gr
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from dass_deploy import visualize
+from dass_deploy.errors import DeployError
+from dass_deploy.pipeline import run_video
+from dass_deploy.repository import list_models
+from dass_deploy.segmenter import Segmenter
+from dass_deploy.sinks import Renderer, VideoSink
+from dass_deploy.sources import VIDEO_EXTS, VideoItem, open_video
+
+APP_DIR = Path(__file__).resolve().parent
+EXAMPLES_DIR = APP_DIR / "examples"
+REPO_MODELS = APP_DIR.parent / "models"
+
+#: Upload limit enforced by the server (``launch(max_file_size=...)``) and named in the UI.
+MAX_FILE_SIZE = "25mb"
+#: Larger images are refused before decoding: a CPU demo should answer in seconds, and this stops decompression bombs.
+MAX_IMAGE_PIXELS = 4096 * 4096
+#: Videos are cut after this many frames (with a warning), so one upload cannot hold a worker for minutes.
+MAX_VIDEO_FRAMES = 150
+RESOLUTIONS = ("original", "model size")
+SOURCE_STAGES = ("source_only", "source")
+TABLE_HEADERS = ["class", "share (%)", "pixels"]
+
+
+class CheckedImage(gr.Image):
+    """``gr.Image`` whose upload errors reach the user as one clear sentence instead of a generic "Error".
+
+    Gradio decodes uploads with PIL before our handler runs, so a text file renamed ``.png`` would fail inside
+    Gradio; checking the header here turns that (and oversized images) into a ``gr.Error`` with a message.
+    ``is_template`` tells Gradio to render it with the stock image component.
+    """
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        path = getattr(payload, "path", None)
+        if path is not None:
+            name = Path(getattr(payload, "orig_name", None) or path).name
+            try:
+                with Image.open(path) as probe:
+                    width, height = probe.size
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                raise gr.Error(
+                    f"'{name}' is not an image this demo can read (PNG, JPEG, BMP, WebP or TIFF); "
+                    "please upload a photo of a street scene.",
+                    title="Not an image",
+                ) from exc
+            if width * height > MAX_IMAGE_PIXELS:
+                raise gr.Error(
+                    f"'{name}' is {width}x{height} pixels; images up to {MAX_IMAGE_PIXELS // 1_000_000} megapixels "
+                    "are accepted here. Please resize it.",
+                    title="Image too large",
+                )
+        try:
+            return super().preprocess(payload)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:  # truncated after a valid header
+            raise gr.Error(f"the uploaded image could not be decoded ({exc}).", title="Not an image") from exc
+
+
+@dataclass
+class ModelEntry:
+    """One model of the repository as the page lists it."""
+
+    name: str
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def miou(self) -> float | None:
+        """mIoU in percent from ``meta["metrics"]`` (flat or one level nested), if the exporter recorded one."""
+        metrics = self.meta.get("metrics") or {}
+        candidates = [metrics] + [v for v in metrics.values() if isinstance(v, dict)]
+        for block in candidates:
+            value = block.get("miou", block.get("mIoU"))
+            if isinstance(value, (int, float)):
+                return float(value) * 100.0 if value <= 1.0 else float(value)
+        return None
+
+    @property
+    def stage(self) -> str:
+        return str(self.meta.get("stage") or "")
+
+    def label(self) -> str:
+        """Dropdown text: name, stage and mIoU when known."""
+        parts = [p for p in (self.stage.replace("_", " "), self.meta.get("backbone")) if p]
+        if self.miou is not None:
+            parts.append(f"mIoU {self.miou:.1f}")
+        return f"{self.name} ({', '.join(parts)})" if parts else self.name
+
+    def describe(self) -> str:
+        """One Markdown sentence about the loaded model for the page's explanation."""
+        spec = self.meta.get("input", {})
+        text = f"Loaded model: **{self.name}**"
+        details = [
+            f"backbone {self.meta['backbone']}" if self.meta.get("backbone") else "",
+            f"stage *{self.stage.replace('_', ' ')}*" if self.stage else "",
+            f"benchmark {self.meta['benchmark']}" if self.meta.get("benchmark") else "",
+            f"input {spec['height']}x{spec['width']}" if spec.get("height") and spec.get("width") else "",
+            self.meta.get("precision", ""),
+        ]
+        details = [d for d in details if d]
+        if details:
+            text += " (" + ", ".join(details) + ")"
+        if self.miou is not None:
+            text += f"; mIoU on Cityscapes val: **{self.miou:.1f}**"
+        return text + "."
+
+
+@dataclass
+class ComparePair:
+    """A source-only and an adapted model of the same benchmark: the gain BiDA brings, side by side."""
+
+    benchmark: str
+    source: ModelEntry
+    adapted: ModelEntry
+
+    @property
+    def key(self) -> str:
+        return f"{self.benchmark}: {self.source.name} vs {self.adapted.name}"
+
+
+def discover_models(models_root: str | Path) -> dict[str, ModelEntry]:
+    """Every model directory under ``models_root`` (via ``dass_deploy.repository.list_models``), by name."""
+    entries = {}
+    for info in list_models(models_root):
+        entries[info.name] = ModelEntry(name=info.name, path=info.path, meta=info.meta)
+    if not entries:
+        raise DeployError(f"no exported models found in {models_root} (export one with dass-export)")
+    return entries
+
+
+def compare_pairs(models: dict[str, ModelEntry]) -> list[ComparePair]:
+    """Pairs (source-only, adapted) sharing ``meta["benchmark"]``, e.g. GTA5->Cityscapes before and after BiDA."""
+    by_benchmark: dict[str, list[ModelEntry]] = {}
+    for entry in models.values():
+        if entry.meta.get("benchmark") and entry.stage:
+            by_benchmark.setdefault(str(entry.meta["benchmark"]), []).append(entry)
+    pairs = []
+    for benchmark, entries in sorted(by_benchmark.items()):
+        sources = [e for e in entries if e.stage in SOURCE_STAGES]
+        adapted = [e for e in entries if e.stage not in SOURCE_STAGES]
+        pairs += [ComparePair(benchmark, s, a) for s in sources for a in adapted]
+    return pairs
+
+
+def available_backends() -> list[str]:
+    """Backends whose runtime is importable here; "auto" lets ``Segmenter`` pick the best one per model."""
+    import importlib.util
+
+    names = ["auto"]
+    for name, module in (("onnxruntime", "onnxruntime"), ("torch", "torch"), ("tensorrt", "tensorrt")):
+        if importlib.util.find_spec(module) is not None:
+            names.append(name)
+    return names
+
+
+def _legend_html(class_names: list[str], palette: np.ndarray) -> str:
+    """The 19 Cityscapes classes as colour chips (HTML, so it wraps with the page width)."""
+    chips = "".join(
+        f'<span class="dass-chip"><span class="dass-swatch" style="background:rgb({r},{g},{b})"></span>'
+        f"{html.escape(name)}</span>"
+        for name, (r, g, b) in zip(class_names, palette.tolist(), strict=False)
+    )
+    return f'<div class="dass-legend">{chips}</div>'
+
+
+CSS = """
+.dass-legend {display:flex; flex-wrap:wrap; gap:6px 14px; font-size:0.9em;}
+.dass-chip {display:inline-flex; align-items:center; gap:6px;}
+.dass-swatch {width:14px; height:14px; border-radius:3px; border:1px solid #0003; display:inline-block;}
+"""
+
+INTRO = (
+    "This demo segments street scenes into the 19 Cityscapes classes with a DeepLab-v2 network trained by "
+    "**BiDA** (Bi-directional Contrastive Learning for Domain Adaptive Semantic Segmentation, ECCV 2022). "
+    "The network learned from *labelled synthetic* driving images and was adapted, without any labels, to "
+    "*real* Cityscapes photos: contrastive learning pulls pixel features of the same class together across the "
+    "two domains, and self-training on confident pseudo-labels finishes the job. Upload a photo or a short video, "
+    "use the webcam, or click an example. It runs on CPU through `dass_deploy`, the same runtime as the "
+    "`dass-segment` CLI."
+)
+
+
+@dataclass
+class DemoState:
+    """What the handlers share: the model list, cached segmenters and a private folder for downloads."""
+
+    models: dict[str, ModelEntry]
+    work_dir: Path
+    _segmenters: dict[tuple[str, str], Segmenter] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def segmenter(self, model_name: str, backend: str) -> Segmenter:
+        """Load once per (model, backend); sessions are reused across requests (ONNX Runtime ``run`` is thread-safe)."""
+        if model_name not in self.models:
+            raise gr.Error(f"unknown model '{model_name}'; pick one from the list.")
+        key = (model_name, backend)
+        with self._lock:
+            if key not in self._segmenters:
+                try:
+                    self._segmenters[key] = Segmenter(self.models[model_name].path, backend=backend)
+                except DeployError as exc:
+                    raise gr.Error(str(exc), title="Cannot load model") from exc
+            return self._segmenters[key]
+
+    def out_dir(self) -> Path:
+        """A fresh folder per request, so concurrent users never overwrite each other's downloads."""
+        path = self.work_dir / uuid.uuid4().hex[:12]
+        path.mkdir(parents=True)
+        return path
+
+
+def _run(
+    state: DemoState, rgb: np.ndarray, model_name: str, backend: str, resolution: str
+) -> tuple[np.ndarray, np.ndarray, Segmenter, float]:
+    """Segment one RGB image -> ``(image shown, trainIds [H,W], segmenter, latency ms)``.
+
+    "model size" shows exactly what the network sees (the image resized to its input size); "original" lets the
+    segmenter resize the labels back to the upload's size.
+    """
+    seg = state.segmenter(model_name, backend)
+    if resolution == "model size" and seg.size is not None:
+        rgb = cv2.resize(rgb, (seg.size[1], seg.size[0]), interpolation=cv2.INTER_AREA)
+    start = time.perf_counter()
+    try:
+        labels = seg.predict(rgb)
+    except DeployError as exc:
+        raise gr.Error(str(exc)) from exc
+    return rgb, labels, seg, (time.perf_counter() - start) * 1000.0
+
+
+def _share_rows(labels: np.ndarray, seg: Segmenter) -> list[list[Any]]:
+    """Present classes sorted by pixel share: ``[[name, percent, pixels], ...]``."""
+    num_classes = len(seg.class_names)
+    counts = np.bincount(labels.ravel(), minlength=256)[:num_classes]
+    shares = visualize.class_shares(labels, num_classes) * 100.0
+    order = np.argsort(-shares, kind="stable")
+    return [[seg.class_names[i], round(float(shares[i]), 2), int(counts[i])] for i in order if counts[i] > 0]
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    """Gradio gives RGB uint8 with ``image_mode="RGB"``; webcam frames can still carry alpha."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image[..., :3].astype(np.uint8, copy=False))
+
+
+def build_demo(models_root: str | Path = "models") -> gr.Blocks:
+    """The whole page; tests launch it with :func:`launch` on a free port."""
+    models = discover_models(models_root)
+    pairs = compare_pairs(models)
+    work_dir = Path(tempfile.mkdtemp(prefix="dass-demo-"))
+    atexit.register(shutil.rmtree, work_dir, ignore_errors=True)
+    state = DemoState(models=models, work_dir=work_dir)
+    backends = available_backends()
+    default_model = next(iter(models))
+    first = Segmenter(models[default_model].path, backend="auto")
+    palette = np.asarray(first.palette, dtype=np.uint8)
+    examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.png"))
+
+    def segment_image(image, model_name, backend, alpha, resolution):
+        """Image tab: overlay, colour mask, legend, share table, latency, downloads."""
+        if image is None:
+            return None, None, None, [], "", None
+        shown, labels, seg, ms = _run(state, _as_rgb(image), model_name, backend, resolution)
+        pal = np.asarray(seg.palette, dtype=np.uint8)
+        mask = visualize.color_mask(labels, pal)
+        present = np.bincount(labels.ravel(), minlength=256)[: len(seg.class_names)] > 0
+        out = state.out_dir()
+        Image.fromarray(mask).save(out / "segmentation_color.png")
+        Image.fromarray(labels.astype(np.uint8)).save(out / "segmentation_trainIds.png")
+        latency = f"**{ms:.0f} ms** on `{seg.backend_name}` · {labels.shape[1]}x{labels.shape[0]} output"
+        return (
+            visualize.overlay(shown, labels, pal, alpha=float(alpha)),
+            mask,
+            visualize.legend(seg.class_names, pal, present=present),
+            _share_rows(labels, seg),
+            latency,
+            [str(out / "segmentation_color.png"), str(out / "segmentation_trainIds.png")],
+        )
+
+    def segment_frame(frame, model_name, backend, alpha):
+        """Webcam stream: overlay only, at model size, to keep up with the camera on CPU."""
+        if frame is None:
+            return None
+        shown, labels, seg, _ = _run(state, _as_rgb(frame), model_name, backend, "model size")
+        return visualize.overlay(shown, labels, np.asarray(seg.palette, dtype=np.uint8), alpha=float(alpha))
+
+    def segment_video(video, model_name, backend, alpha, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        """Video tab: the same pipeline as ``dass-segment`` on a video; returns the rendered video and its download."""
+        if video is None:
+            raise gr.Error("Upload a video first (MP4, AVI, MOV, MKV or WebM).")
+        path = Path(video)
+        if path.suffix.lower() not in VIDEO_EXTS:
+            raise gr.Error(f"'{path.name}' is not a video this demo can read ({', '.join(sorted(VIDEO_EXTS))}).")
+        seg = state.segmenter(model_name, backend)
+        out = state.out_dir() / f"{path.stem}_segmented.mp4"
+        start = time.perf_counter()
+        try:
+            frames, truncated = _segment_video(seg, path, out, float(alpha))
+        except DeployError as exc:
+            raise gr.Error(f"'{path.name}' could not be read as a video ({exc}).", title="Not a video") from exc
+        if frames == 0:
+            raise gr.Error(f"'{path.name}' has no readable frames.", title="Not a video")
+        seconds = time.perf_counter() - start
+        if truncated:
+            gr.Warning(f"Only the first {MAX_VIDEO_FRAMES} frames were processed (CPU demo limit).")
+        latency = f"**{1000 * seconds / max(frames, 1):.0f} ms/frame** on `{seg.backend_name}` · {frames} frames"
+        return str(out), latency, [str(out)]
+
+    def compare(image, pair_key, backend, alpha, resolution):
+        """Compare tab: the same input through the source-only and the adapted model."""
+        if image is None:
+            return None, None, ""
+        pair = next((p for p in pairs if p.key == pair_key), None)
+        if pair is None:
+            raise gr.Error("pick a model pair from the list.")
+        rgb = _as_rgb(image)
+        shown, src_labels, src_seg, src_ms = _run(state, rgb, pair.source.name, backend, resolution)
+        _, ada_labels, ada_seg, ada_ms = _run(state, rgb, pair.adapted.name, backend, resolution)
+        pal = np.asarray(src_seg.palette, dtype=np.uint8)
+        changed = float((src_labels != ada_labels).mean() * 100.0)
+        summary = (
+            f"{changed:.1f}% of the pixels change class after adaptation. "
+            f"Latency: source-only {src_ms:.0f} ms, adapted {ada_ms:.0f} ms on `{ada_seg.backend_name}`."
+        )
+        return (
+            visualize.overlay(shown, src_labels, pal, alpha=float(alpha)),
+            visualize.overlay(shown, ada_labels, pal, alpha=float(alpha)),
+            summary,
+        )
+
+    with gr.Blocks(title="dass · BiDA domain-adaptive segmentation", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown("# dass · domain-adaptive semantic segmentation (BiDA)")
+        gr.Markdown(INTRO)
+        model_info = gr.Markdown(models[default_model].describe())
+        with gr.Row():
+            model_dd = gr.Dropdown(
+                choices=[(m.label(), name) for name, m in models.items()],
+                value=default_model,
+                label="Model",
+                scale=3,
+            )
+            backend_dd = gr.Dropdown(choices=backends, value="auto", label="Backend", scale=1)
+            alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity", scale=2)
+            resolution = gr.Radio(list(RESOLUTIONS), value="original", label="Output resolution", scale=2)
+        gr.HTML(_legend_html(list(first.class_names), palette))
+
+        with gr.Tabs():
+            with gr.Tab("Image"):
+                with gr.Row():
+                    with gr.Column():
+                        image_in = CheckedImage(
+                            sources=["upload", "clipboard"],
+                            type="numpy",
+                            image_mode="RGB",
+                            label=f"Street scene (PNG/JPEG, up to {MAX_FILE_SIZE})",
+                            height=320,
+                            elem_id="input_image",
+                        )
+                        gr.Examples(
+                            examples=[[p] for p in examples], inputs=[image_in], label="Examples", elem_id="examples"
+                        )
+                    overlay_out = gr.Image(
+                        label="Overlay", format="png", height=320, interactive=False, elem_id="overlay"
+                    )
+                with gr.Row():
+                    mask_out = gr.Image(label="Colour mask", format="png", interactive=False, scale=3)
+                    legend_out = gr.Image(label="Classes present", format="png", interactive=False, scale=1)
+                with gr.Row():
+                    table_out = gr.Dataframe(
+                        headers=TABLE_HEADERS,
+                        datatype=["str", "number", "number"],
+                        label="Share of pixels per class",
+                        interactive=False,
+                        scale=2,
+                        elem_id="shares",
+                    )
+                    with gr.Column(scale=1):
+                        latency_out = gr.Markdown(label="Latency")
+                        files_out = gr.File(label="Downloads", file_count="multiple", interactive=False)
+            with gr.Tab("Video"):
+                with gr.Row():
+                    video_in = gr.Video(sources=["upload"], label=f"Video (up to {MAX_FILE_SIZE})")
+                    video_out = gr.Video(label="Segmented video", interactive=False)
+                video_btn = gr.Button("Segment video", variant="primary")
+                with gr.Row():
+                    video_latency = gr.Markdown()
+                    video_files = gr.File(label="Download", file_count="multiple", interactive=False)
+            with gr.Tab("Webcam"):
+                with gr.Row():
+                    cam_in = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Webcam")
+                    cam_out = gr.Image(label="Live overlay", interactive=False)
+            if pairs:
+                with gr.Tab("Compare"):
+                    gr.Markdown("The same image through the source-only model and the BiDA-adapted model.")
+                    with gr.Row():
+                        cmp_in = CheckedImage(
+                            sources=["upload", "clipboard"], type="numpy", image_mode="RGB", label="Street scene"
+                        )
+                        pair_dd = gr.Dropdown([p.key for p in pairs], value=pairs[0].key, label="Model pair")
+                    gr.Examples(examples=[[p] for p in examples], inputs=[cmp_in], label="Examples")
+                    with gr.Row():
+                        src_out = gr.Image(label=f"Source only: {pairs[0].source.label()}", interactive=False)
+                        ada_out = gr.Image(label=f"Adapted: {pairs[0].adapted.label()}", interactive=False)
+                    cmp_summary = gr.Markdown()
+                gr.on(
+                    [cmp_in.change, pair_dd.change],
+                    compare,
+                    inputs=[cmp_in, pair_dd, backend_dd, alpha, resolution],
+                    outputs=[src_out, ada_out, cmp_summary],
+                    api_name="compare",
+                )
+
+        model_dd.change(lambda name: models[name].describe(), inputs=model_dd, outputs=model_info, queue=False)
+        gr.on(
+            [image_in.change, model_dd.change, backend_dd.change, resolution.change, alpha.release],
+            segment_image,
+            inputs=[image_in, model_dd, backend_dd, alpha, resolution],
+            outputs=[overlay_out, mask_out, legend_out, table_out, latency_out, files_out],
+            api_name="segment",
+        )
+        video_btn.click(
+            segment_video,
+            inputs=[video_in, model_dd, backend_dd, alpha],
+            outputs=[video_out, video_latency, video_files],
+            api_name="segment_video",
+        )
+        cam_in.stream(
+            segment_frame,
+            inputs=[cam_in, model_dd, backend_dd, alpha],
+            outputs=[cam_out],
+            stream_every=0.5,
+            time_limit=120,
+            concurrency_limit=1,
+            api_visibility="undocumented",
+        )
+
+    demo.queue(default_concurrency_limit=2, max_size=16)
+    return demo
+
+
+def _segment_video(seg: Segmenter, src: Path, dst: Path, alpha: float) -> tuple[int, bool]:
+    """``dass_deploy.pipeline.run_video`` with the CLI's renderer (overlay + legend) -> (frames written, truncated)."""
+    capture, info = open_video(VideoItem(source=str(src), name=src.stem, kind="video"))
+    sink = VideoSink(dst, info.fps, info.width, info.height)
+    render = Renderer(seg.class_names, seg.palette, alpha=alpha, with_legend=True)
+    total = min(info.frames, MAX_VIDEO_FRAMES) if info.frames else MAX_VIDEO_FRAMES
+    stats = run_video(
+        seg, capture, sink, render, total=total, progress=True, desc=src.name, max_frames=MAX_VIDEO_FRAMES
+    )
+    truncated = stats.frames >= MAX_VIDEO_FRAMES and (info.frames is None or info.frames > MAX_VIDEO_FRAMES)
+    return stats.frames, truncated
+
+
+def launch(
+    demo: gr.Blocks,
+    models_root: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    block: bool = True,
+) -> tuple[Any, str]:
+    """Serve with the demo's limits: upload size, and file access only to the examples and the models.
+
+    Returns ``(fastapi app, local URL)``; ``block=False`` returns at once (tests run the server in a thread).
+    """
+    app, local_url, _ = demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        prevent_thread_lock=not block,
+        max_file_size=MAX_FILE_SIZE,
+        allowed_paths=[str(EXAMPLES_DIR), str(Path(models_root).resolve())],
+        show_error=False,
+        quiet=not block,
+        theme=gr.themes.Soft(primary_hue="indigo"),
+        css=CSS,
+    )
+    return app, local_url
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dass-demo``: serve the demo until Ctrl+C."""
+    parser = argparse.ArgumentParser(prog="dass-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for the LAN)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", type=_parse_bool, default=False, help="true: also open a public gradio.live link")
+    parser.add_argument("--models", default="models/", help="model repository (folders written by dass-export)")
+    args = parser.parse_args(argv)
+    models_root = Path(args.models)
+    if not models_root.is_dir() and args.models == "models/" and REPO_MODELS.is_dir():
+        models_root = REPO_MODELS  # run from elsewhere: fall back to the repository's shipped models
+    try:
+        demo = build_demo(models_root)
+    except DeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    launch(demo, models_root, host=args.host, port=args.port, share=args.share, block=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

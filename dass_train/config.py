@@ -1,0 +1,306 @@
+"""Typed run configuration: dataclasses, preset files, ``section.key=value`` overrides.
+
+Every value the trainer reads lives here, so a run is fully described by the resolved
+``config.yaml`` saved beside its checkpoints. Presets (``presets/*.yaml``) only override
+defaults; the defaults themselves are the paper's recipe (section 4.1) with the authors'
+settings where the paper is silent (``official-code-facts.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dass_train.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class DataConfig:
+    """Where the domains live and how images are augmented (paper 4.1)."""
+
+    source: str = "gta5"  # gta5 | synthia | synthetic
+    source_root: str = "data/GTA5"
+    target_root: str = "data/cityscapes"
+    val_split: str = "val"
+    # synthetic benchmark only: generated on first use into synthetic_root
+    synthetic_root: str = "data/synthetic"
+    synthetic_size: tuple[int, int] = (512, 256)  # (width, height)
+    synthetic_counts: tuple[int, int, int] = (600, 300, 100)  # source, target train, target val
+    # training transforms: resize shorter side, random scale, random crop (w, h), flip
+    resize_short: int | None = 850
+    scale: tuple[float, float] = (0.8, 1.2)
+    crop: tuple[int, int] = (730, 730)
+    flip: bool = True
+    # evaluation protocol: predict at eval_size (w, h), upsample logits to the label's full size
+    eval_size: tuple[int, int] = (1024, 512)
+    rare_class_temperature: float | None = 0.01  # None = uniform source sampling
+    num_workers: int = 4
+
+
+@dataclass
+class ModelConfig:
+    """DeepLab-V2 and its input normalisation (travels with every checkpoint)."""
+
+    backbone: str = "resnet101"  # resnet101 | resnet50 | resnet18
+    feature: str = "aspp"  # pixel features of the contrastive loss: aspp (4K channels) | layer4
+    freeze_bn: bool = True
+    init: str | None = "weights/DeepLab_resnet_pretrained_init-f81d91e8.pth"  # ImageNet / COCO init; None = random
+    normalization: str = "caffe"  # caffe (BGR, mean only) | imagenet (RGB, mean/std)
+
+
+@dataclass
+class OptimConfig:
+    """SGD with poly decay; the classifier learns 10x faster (DeepLab-V2 convention)."""
+
+    lr: float = 7.5e-5
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    batch_size: int = 4  # per step, per domain, summed over GPUs
+    grad_clip: float | None = None
+
+
+@dataclass
+class LossConfig:
+    """Weights of Eq. 11-12 (authors' settings) and the contrastive temperature."""
+
+    seg_source: float = 1.0
+    seg_target: float = 0.3
+    ent_source: float = 0.4
+    ent_target: float = 0.12  # 0.4 x 0.3
+    fcl: float = 0.1
+    bcl: float = 0.1
+    tau: float = 0.1
+    detach_prototypes: bool = False
+
+
+@dataclass
+class MethodConfig:
+    """Switches of Table 3, and the label machinery of sections 3.3 and CBST."""
+
+    use_fcl: bool = True
+    use_bcl: bool = True
+    dynamic_labels: str = "calibrated"  # off | uncalibrated | calibrated  (Eq. 8-9, with or without Eq. 7)
+    dynamic_threshold: float = 0.8  # T of Eq. 8 (cosine similarity)
+    prototype_momentum: float = 0.99  # lambda of Eq. 4-5
+    cbst_portion: float = 0.1  # class-balanced thresholds: top 10 % per class
+    image_portion: float = 0.1  # fused per-image top-10 % confidence mask
+    excluded_classes: tuple[int, ...] = ()  # classes that get no static pseudo labels (SYNTHIA: 9, 14, 16)
+    refresh_every: int = 10000  # regenerate static pseudo labels every N iterations
+
+
+@dataclass
+class StageConfig:
+    """Iterations of each stage; 0 skips it in ``--stage all``."""
+
+    source_only_iters: int = 20000
+    source_only_lr: float = 2.5e-4
+    source_only_resize_short: int | None = 720
+    source_only_scale: tuple[float, float] = (0.5, 1.5)
+    source_only_crop: tuple[int, int] = (600, 600)
+    adapt_iters: int = 100000
+    distill_iters: int = 0  # optional stage 3
+    distill_lr: float = 2.5e-4
+    oracle_iters: int = 0  # supervised on target labels, for the domain-gap figure only
+
+
+@dataclass
+class RunConfig:
+    """Engineering knobs: devices, precision, logging, checkpoints, guards."""
+
+    out: str = "runs"
+    name: str = ""
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "bf16"  # off | bf16 | fp16 (CUDA only; CPU runs fp32)
+    channels_last: bool = True
+    cudnn_benchmark: bool = True
+    threads: int = 0  # torch CPU threads, 0 = torch default
+    log_every: int = 50
+    val_every: int = 5000
+    ckpt_every: int = 2000
+    val_max_images: int = 0  # 0 = all
+    max_bad_steps: int = 5  # consecutive non-finite losses that stop the run
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    preset: str = "gta2city"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    stages: StageConfig = field(default_factory=StageConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Turn a YAML / CLI value into the dataclass field's declared type, or say which option is wrong."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot use {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("x", ",").split(",") if v.strip()] if value else []
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = float(value) if annotation is float else int(str(value))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}") from None
+        return number
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def apply(cfg: Any, values: dict[str, Any], prefix: str = "") -> None:
+    """Set nested values on a config dataclass, checking names and types."""
+    hints = _hints(type(cfg))
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"unknown option '{where}' (known in this section: {known})")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{where}' is a section; set its fields like {where}.<name>=value")
+            apply(current, value, prefix=f"{where}.")
+        else:
+            setattr(cfg, key, _coerce(value, hints[key], where))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-4", "data.crop=512,512"]`` -> nested dict (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset '{name}' (available: {', '.join(available_presets())}, or a .yaml path)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    return data
+
+
+def build_config(preset: str, overrides: list[str] | None = None) -> Config:
+    """Defaults <- preset file <- command-line overrides."""
+    cfg = Config()
+    data = load_preset(preset)
+    data.pop("preset", None)
+    apply(cfg, data)
+    cfg.preset = Path(preset).stem
+    apply(cfg, parse_overrides(overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    choices = {
+        "data.source": (cfg.data.source, ("gta5", "synthia", "synthetic")),
+        "model.backbone": (cfg.model.backbone, ("resnet101", "resnet50", "resnet18")),
+        "model.feature": (cfg.model.feature, ("aspp", "layer4")),
+        "model.normalization": (cfg.model.normalization, ("caffe", "imagenet")),
+        "method.dynamic_labels": (cfg.method.dynamic_labels, ("off", "uncalibrated", "calibrated")),
+        "run.amp": (cfg.run.amp, ("off", "bf16", "fp16")),
+        "run.device": (cfg.run.device, ("auto", "cpu", "cuda")),
+    }
+    for where, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{where}={value!r} is not one of {', '.join(allowed)}")
+    if cfg.optim.batch_size < 1:
+        raise ConfigError("optim.batch_size must be >= 1")
+    if not 0.0 < cfg.loss.tau:
+        raise ConfigError("loss.tau must be > 0")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    data = dict(data)
+    cfg.preset = str(data.pop("preset", cfg.preset))
+    apply(cfg, data)
+    return cfg

@@ -1,0 +1,81 @@
+"""The demo page in a real headless Chromium: upload, wait for the overlay, screenshot, then a bad upload.
+
+Writes ``docs/demo.png`` (the README's screenshot). Needs Debian's ``chromium`` (``/usr/bin/chromium``); the CI
+script installs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_app import FRANKFURT, STREET, make_models_root, running_demo
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "demo.png"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} is missing (apt-get install chromium)"),
+]
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    from playwright.sync_api import sync_playwright
+
+    models_root = make_models_root(tmp_path_factory.mktemp("demo"))
+    with running_demo(models_root) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
+
+
+def _upload(page, path: Path) -> None:
+    page.goto(page.url)  # a fresh page: the input component is empty and shows its upload field
+    page.locator("#input_image input[type=file]").set_input_files(str(path))
+
+
+def test_upload_shows_overlay_and_screenshot(page) -> None:
+    _upload(page, STREET)
+    overlay = page.locator("#overlay img")
+    overlay.wait_for(state="visible")
+    page.locator("#shares table").get_by_text("%", exact=False).first.wait_for(state="attached")
+    page.get_by_text(" ms", exact=False).first.wait_for(state="visible")
+    assert overlay.evaluate("img => img.naturalWidth") == 1024
+    assert page.get_by_text("Loaded model:").is_visible()
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 50_000
+
+
+def test_example_click_runs_the_model(page) -> None:
+    page.goto(page.url)
+    page.locator("#examples").get_by_role("button").last.click()
+    page.locator("#overlay img").wait_for(state="visible")
+    assert page.locator("#overlay img").evaluate("img => img.naturalWidth") in (256, 1024)
+    assert FRANKFURT.is_file()
+
+
+def test_bad_file_shows_error_message(page, tmp_path: Path) -> None:
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is a text file, not a picture\n")
+    _upload(page, bad)
+    message = page.get_by_text("'notes.png' is not an image", exact=False)
+    message.first.wait_for(state="visible")
+    assert page.locator("#overlay img").count() == 0
