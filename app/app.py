@@ -34,7 +34,7 @@ from dass_deploy.pipeline import run_video
 from dass_deploy.repository import list_models
 from dass_deploy.segmenter import Segmenter
 from dass_deploy.sinks import Renderer, VideoSink
-from dass_deploy.sources import VIDEO_EXTS, VideoItem, open_video
+from dass_deploy.sources import VIDEO_EXTS, VideoItem, open_video, read_image
 
 APP_DIR = Path(__file__).resolve().parent
 EXAMPLES_DIR = APP_DIR / "examples"
@@ -48,42 +48,43 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_VIDEO_FRAMES = 150
 RESOLUTIONS = ("original", "model size")
 SOURCE_STAGES = ("source_only", "source")
+ADAPTED_STAGES = ("adapt", "adapted", "distill", "bida")  # not "oracle": that one saw target labels
+EXAMPLES_LABEL = "Examples: real Cityscapes photos and synthetic target-style scenes"
 TABLE_HEADERS = ["class", "share (%)", "pixels"]
 
 
-class CheckedImage(gr.Image):
-    """``gr.Image`` whose upload errors reach the user as one clear sentence instead of a generic "Error".
+def read_upload(payload: dict[str, Any] | None) -> np.ndarray | None:
+    """An uploaded image as Gradio hands it over unprocessed -> RGB ``uint8 [H,W,3]`` (None when cleared).
 
-    Gradio decodes uploads with PIL before our handler runs, so a text file renamed ``.png`` would fail inside
-    Gradio; checking the header here turns that (and oversized images) into a ``gr.Error`` with a message.
-    ``is_template`` tells Gradio to render it with the stock image component.
+    The image events run with ``preprocess=False``: Gradio would otherwise decode the upload itself and a text file
+    renamed ``.png`` would end in a generic "Error". Here it becomes one sentence naming the file. Gradio has
+    already checked that the path is one of its own uploads (or an example), so no other file can be read.
     """
-
-    is_template = True
-
-    def preprocess(self, payload: Any) -> Any:
-        path = getattr(payload, "path", None)
-        if path is not None:
-            name = Path(getattr(payload, "orig_name", None) or path).name
-            try:
-                with Image.open(path) as probe:
-                    width, height = probe.size
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                raise gr.Error(
-                    f"'{name}' is not an image this demo can read (PNG, JPEG, BMP, WebP or TIFF); "
-                    "please upload a photo of a street scene.",
-                    title="Not an image",
-                ) from exc
-            if width * height > MAX_IMAGE_PIXELS:
-                raise gr.Error(
-                    f"'{name}' is {width}x{height} pixels; images up to {MAX_IMAGE_PIXELS // 1_000_000} megapixels "
-                    "are accepted here. Please resize it.",
-                    title="Image too large",
-                )
-        try:
-            return super().preprocess(payload)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:  # truncated after a valid header
-            raise gr.Error(f"the uploaded image could not be decoded ({exc}).", title="Not an image") from exc
+    if not payload:
+        return None
+    path = payload.get("path")
+    name = Path(payload.get("orig_name") or path or "upload").name
+    if not path:
+        raise gr.Error(f"'{name}' did not arrive as a file; please upload it again.", title="Upload failed")
+    try:
+        with Image.open(path) as probe:  # reads the header only: cheap, and refuses huge images before decoding
+            width, height = probe.size
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise gr.Error(
+            f"'{name}' is not an image this demo can read (PNG, JPEG, BMP, WebP or TIFF); "
+            "please upload a photo of a street scene.",
+            title="Not an image",
+        ) from exc
+    if width * height > MAX_IMAGE_PIXELS:
+        raise gr.Error(
+            f"'{name}' is {width}x{height} pixels; images up to {MAX_IMAGE_PIXELS // 1_000_000} megapixels are "
+            "accepted here. Please resize it.",
+            title="Image too large",
+        )
+    try:
+        return read_image(path)
+    except DeployError as exc:  # e.g. a truncated file behind a valid header
+        raise gr.Error(f"'{name}' could not be decoded; is the file complete?", title="Not an image") from exc
 
 
 @dataclass
@@ -107,7 +108,14 @@ class ModelEntry:
 
     @property
     def stage(self) -> str:
-        return str(self.meta.get("stage") or "")
+        """Training stage (``source_only``, ``adapt``, ...): meta.json's own field, else what the exporter recorded."""
+        return str(self.meta.get("stage") or (self.meta.get("export") or {}).get("checkpoint_stage") or "")
+
+    @property
+    def benchmark(self) -> str:
+        """The preset the model was trained on (e.g. GTA5 -> Cityscapes); pairs for the Compare tab share it."""
+        export = self.meta.get("export") or {}
+        return str(self.meta.get("benchmark") or export.get("checkpoint_benchmark") or "")
 
     def label(self) -> str:
         """Dropdown text: name, stage and mIoU when known."""
@@ -123,7 +131,7 @@ class ModelEntry:
         details = [
             f"backbone {self.meta['backbone']}" if self.meta.get("backbone") else "",
             f"stage *{self.stage.replace('_', ' ')}*" if self.stage else "",
-            f"benchmark {self.meta['benchmark']}" if self.meta.get("benchmark") else "",
+            f"benchmark {self.benchmark}" if self.benchmark else "",
             f"input {spec['height']}x{spec['width']}" if spec.get("height") and spec.get("width") else "",
             self.meta.get("precision", ""),
         ]
@@ -162,12 +170,12 @@ def compare_pairs(models: dict[str, ModelEntry]) -> list[ComparePair]:
     """Pairs (source-only, adapted) sharing ``meta["benchmark"]``, e.g. GTA5->Cityscapes before and after BiDA."""
     by_benchmark: dict[str, list[ModelEntry]] = {}
     for entry in models.values():
-        if entry.meta.get("benchmark") and entry.stage:
-            by_benchmark.setdefault(str(entry.meta["benchmark"]), []).append(entry)
+        if entry.benchmark:
+            by_benchmark.setdefault(entry.benchmark, []).append(entry)
     pairs = []
     for benchmark, entries in sorted(by_benchmark.items()):
         sources = [e for e in entries if e.stage in SOURCE_STAGES]
-        adapted = [e for e in entries if e.stage not in SOURCE_STAGES]
+        adapted = [e for e in entries if e.stage in ADAPTED_STAGES]
         pairs += [ComparePair(benchmark, s, a) for s in sources for a in adapted]
     return pairs
 
@@ -264,7 +272,7 @@ def _share_rows(labels: np.ndarray, seg: Segmenter) -> list[list[Any]]:
     counts = np.bincount(labels.ravel(), minlength=256)[:num_classes]
     shares = visualize.class_shares(labels, num_classes) * 100.0
     order = np.argsort(-shares, kind="stable")
-    return [[seg.class_names[i], round(float(shares[i]), 2), int(counts[i])] for i in order if counts[i] > 0]
+    return [[seg.class_names[i], round(float(shares[i]), 3), int(counts[i])] for i in order if counts[i] > 0]
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
@@ -290,9 +298,10 @@ def build_demo(models_root: str | Path = "models") -> gr.Blocks:
 
     def segment_image(image, model_name, backend, alpha, resolution):
         """Image tab: overlay, colour mask, legend, share table, latency, downloads."""
-        if image is None:
+        rgb = read_upload(image)
+        if rgb is None:
             return None, None, None, [], "", None
-        shown, labels, seg, ms = _run(state, _as_rgb(image), model_name, backend, resolution)
+        shown, labels, seg, ms = _run(state, rgb, model_name, backend, resolution)
         pal = np.asarray(seg.palette, dtype=np.uint8)
         mask = visualize.color_mask(labels, pal)
         present = np.bincount(labels.ravel(), minlength=256)[: len(seg.class_names)] > 0
@@ -340,12 +349,12 @@ def build_demo(models_root: str | Path = "models") -> gr.Blocks:
 
     def compare(image, pair_key, backend, alpha, resolution):
         """Compare tab: the same input through the source-only and the adapted model."""
-        if image is None:
+        rgb = read_upload(image)
+        if rgb is None:
             return None, None, ""
         pair = next((p for p in pairs if p.key == pair_key), None)
         if pair is None:
             raise gr.Error("pick a model pair from the list.")
-        rgb = _as_rgb(image)
         shown, src_labels, src_seg, src_ms = _run(state, rgb, pair.source.name, backend, resolution)
         _, ada_labels, ada_seg, ada_ms = _run(state, rgb, pair.adapted.name, backend, resolution)
         pal = np.asarray(src_seg.palette, dtype=np.uint8)
@@ -380,7 +389,7 @@ def build_demo(models_root: str | Path = "models") -> gr.Blocks:
             with gr.Tab("Image"):
                 with gr.Row():
                     with gr.Column():
-                        image_in = CheckedImage(
+                        image_in = gr.Image(
                             sources=["upload", "clipboard"],
                             type="numpy",
                             image_mode="RGB",
@@ -389,25 +398,37 @@ def build_demo(models_root: str | Path = "models") -> gr.Blocks:
                             elem_id="input_image",
                         )
                         gr.Examples(
-                            examples=[[p] for p in examples], inputs=[image_in], label="Examples", elem_id="examples"
+                            examples=[[p] for p in examples],
+                            inputs=[image_in],
+                            label=EXAMPLES_LABEL,
+                            elem_id="examples",
                         )
                     overlay_out = gr.Image(
                         label="Overlay", format="png", height=320, interactive=False, elem_id="overlay"
                     )
                 with gr.Row():
-                    mask_out = gr.Image(label="Colour mask", format="png", interactive=False, scale=3)
-                    legend_out = gr.Image(label="Classes present", format="png", interactive=False, scale=1)
+                    mask_out = gr.Image(label="Colour mask", format="png", height=320, interactive=False, scale=3)
+                    legend_out = gr.Image(
+                        label="Classes present",
+                        show_label=False,
+                        format="png",
+                        height=320,
+                        interactive=False,
+                        buttons=[],
+                        scale=1,
+                    )
                 with gr.Row():
                     table_out = gr.Dataframe(
                         headers=TABLE_HEADERS,
                         datatype=["str", "number", "number"],
                         label="Share of pixels per class",
                         interactive=False,
+                        max_height=320,
                         scale=2,
                         elem_id="shares",
                     )
                     with gr.Column(scale=1):
-                        latency_out = gr.Markdown(label="Latency")
+                        latency_out = gr.Markdown(elem_id="latency")
                         files_out = gr.File(label="Downloads", file_count="multiple", interactive=False)
             with gr.Tab("Video"):
                 with gr.Row():
@@ -425,11 +446,11 @@ def build_demo(models_root: str | Path = "models") -> gr.Blocks:
                 with gr.Tab("Compare"):
                     gr.Markdown("The same image through the source-only model and the BiDA-adapted model.")
                     with gr.Row():
-                        cmp_in = CheckedImage(
+                        cmp_in = gr.Image(
                             sources=["upload", "clipboard"], type="numpy", image_mode="RGB", label="Street scene"
                         )
                         pair_dd = gr.Dropdown([p.key for p in pairs], value=pairs[0].key, label="Model pair")
-                    gr.Examples(examples=[[p] for p in examples], inputs=[cmp_in], label="Examples")
+                    gr.Examples(examples=[[p] for p in examples], inputs=[cmp_in], label=EXAMPLES_LABEL)
                     with gr.Row():
                         src_out = gr.Image(label=f"Source only: {pairs[0].source.label()}", interactive=False)
                         ada_out = gr.Image(label=f"Adapted: {pairs[0].adapted.label()}", interactive=False)
@@ -440,6 +461,7 @@ def build_demo(models_root: str | Path = "models") -> gr.Blocks:
                     inputs=[cmp_in, pair_dd, backend_dd, alpha, resolution],
                     outputs=[src_out, ada_out, cmp_summary],
                     api_name="compare",
+                    preprocess=False,
                 )
 
         model_dd.change(lambda name: models[name].describe(), inputs=model_dd, outputs=model_info, queue=False)
@@ -449,6 +471,7 @@ def build_demo(models_root: str | Path = "models") -> gr.Blocks:
             inputs=[image_in, model_dd, backend_dd, alpha, resolution],
             outputs=[overlay_out, mask_out, legend_out, table_out, latency_out, files_out],
             api_name="segment",
+            preprocess=False,  # read_upload decodes the image, so a bad file gets a clear message
         )
         video_btn.click(
             segment_video,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -149,7 +150,8 @@ class Evaluator:
 
 
 def segment_main(argv: list[str] | None = None) -> int:
-    """Entry point of ``dass-segment``; returns the exit status (0 ok, 1 some inputs failed, 2 setup error)."""
+    """Entry point of ``dass-segment``; returns the exit status (0 ok, 1 some inputs failed, 2 setup error,
+    130 interrupted by Ctrl-C)."""
     args = build_parser().parse_args(argv)
     try:
         if args.benchmark:
@@ -279,11 +281,18 @@ def _segment(args: argparse.Namespace) -> int:
             _warn(failures[-1])
     print(summary)
     print(f"results in {out_dir}")
-    return 1 if failures or interrupted else 0
+    return 130 if interrupted else 1 if failures else 0
 
 
 def main() -> None:
-    sys.exit(segment_main())
+    status = segment_main()
+    if status == 130:
+        # Ctrl-C: every output is closed and flushed by now. ONNX Runtime can abort in its C++ teardown after an
+        # interrupted run (SIGABRT, "terminate called without an active exception"), so skip the teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

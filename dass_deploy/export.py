@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -48,8 +49,11 @@ LABELS_NAME = "labels"
 MAX_BATCH = 8  # Triton max_batch_size and the TensorRT profile's largest batch
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
-#: Parity thresholds (fraction of pixels whose class agrees with torch fp32; logits max abs error for fp32).
+#: Parity thresholds: fraction of pixels whose class agrees with torch fp32, and for fp32 the max abs logit error,
+#: 1e-3 for logits up to 10 and relative (1e-4 of the largest logit) beyond, since the float32 rounding error grows
+#: with the magnitude (random-init ResNet-101s reach |logit| ~ 1e5).
 FP32_MAX_ABS = 1e-3
+FP32_REL_SCALE = 10.0
 MIN_AGREEMENT = {"fp32": 0.999, "fp16": 0.995}
 INT8_MAX_MIOU_DROP = 1.0  # points
 
@@ -108,15 +112,17 @@ def _torch_export(graph: ExportGraph, path: Path, height: int, width: int, dynam
     out_name = LOGITS_NAME if graph.output == "logits" else LABELS_NAME
     kwargs = dict(input_names=[INPUT_NAME], output_names=[out_name], opset_version=OPSET)
     try:
-        torch.onnx.export(
-            graph,
-            (dummy,),
-            str(path),
-            dynamo=False,
-            do_constant_folding=True,
-            dynamic_axes={INPUT_NAME: axes, out_name: out_axes},
-            **kwargs,
-        )
+        with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice is expected here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                graph,
+                (dummy,),
+                str(path),
+                dynamo=False,
+                do_constant_folding=True,
+                dynamic_axes={INPUT_NAME: axes, out_name: out_axes},
+                **kwargs,
+            )
     except (TypeError, NotImplementedError):  # TorchScript exporter removed
         batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
         shapes = {0: batch}
@@ -188,7 +194,11 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
             consumers[name].append(i)
     half_tensors = {out for i, node in enumerate(graph.node) if is_half[i] for out in node.output}
     for init in graph.initializer:
-        if init.data_type == TensorProto.FLOAT and consumers[init.name] and all(is_half[i] for i in consumers[init.name]):
+        if (
+            init.data_type == TensorProto.FLOAT
+            and consumers[init.name]
+            and all(is_half[i] for i in consumers[init.name])
+        ):
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
             half_tensors.add(init.name)
 
@@ -565,12 +575,17 @@ def export_model(
     model.eval()
     num_classes = int(ckpt_meta["num_classes"])
     if num_classes > 255:
-        raise DeployError(f"{checkpoint}: {num_classes} classes do not fit the uint8 labels output; use --output logits")
+        raise DeployError(
+            f"{checkpoint}: {num_classes} classes do not fit the uint8 labels output; use --output logits"
+        )
     normalization = ckpt_meta["normalization"]
 
     created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp's 0700 would survive the rename
     try:
         with tempfile.TemporaryDirectory(prefix="dass-export-") as work_str:
             work = Path(work_str)
@@ -668,9 +683,10 @@ def _export_into(
     }
     failures = []
     if precision == "fp32":
-        parity["thresholds"]["max_abs_logit_diff"] = FP32_MAX_ABS
-        if parity["max_abs_logit_diff"] > FP32_MAX_ABS:
-            failures.append(f"max|Δlogit| {parity['max_abs_logit_diff']:.2e} > {FP32_MAX_ABS:.0e}")
+        tol = FP32_MAX_ABS * max(1.0, parity["max_abs_logit"] / FP32_REL_SCALE)
+        parity["thresholds"]["max_abs_logit_diff"] = tol
+        if parity["max_abs_logit_diff"] > tol:
+            failures.append(f"max|Δlogit| {parity['max_abs_logit_diff']:.2e} > {tol:.1e}")
     # INT8 is judged by its mIoU change on a labelled val set (when given); agreement alone is only reported.
     if precision != "int8" and parity["argmax_agreement"] < MIN_AGREEMENT[precision]:
         failures.append(f"argmax agreement {100 * parity['argmax_agreement']:.2f}% < {100 * MIN_AGREEMENT[precision]}%")
@@ -726,10 +742,21 @@ def _export_into(
         "class_names": class_names,
         "palette": palette,
         "train_id_to_label_id": train_to_label,
-        "input": {"name": INPUT_NAME, "format": "rgb255", "layout": "NCHW", "dtype": "float32",
-                  "height": height, "width": width, "dynamic": dynamic},  # fmt: skip
-        "output": {"name": LABELS_NAME if output == "labels" else LOGITS_NAME, "kind": output,
-                   "dtype": "uint8" if output == "labels" else "float32", "full_resolution": True},  # fmt: skip
+        "input": {
+            "name": INPUT_NAME,
+            "format": "rgb255",
+            "layout": "NCHW",
+            "dtype": "float32",
+            "height": height,
+            "width": width,
+            "dynamic": dynamic,
+        },
+        "output": {
+            "name": LABELS_NAME if output == "labels" else LOGITS_NAME,
+            "kind": output,
+            "dtype": "uint8" if output == "labels" else "float32",
+            "full_resolution": True,
+        },
         "normalization": normalization,
         "precision": precision,
         "source_checkpoint": {"path": str(checkpoint.resolve()), "sha256": _sha256(checkpoint)},
@@ -784,9 +811,8 @@ def evaluate_miou_pair(
         image = load_image(image_path, height, width)[None]
         gt = _load_train_ids(label_path, height, width)
         for j, session in enumerate((reference, candidate)):
-            pred = session.run(None, {INPUT_NAME: image})[0][0].argmax(0).astype(np.uint8)
-            num_classes = session.get_outputs()[0].shape[1]
-            conf = confusion_matrix(pred, gt, num_classes)
+            logits = session.run(None, {INPUT_NAME: image})[0][0]  # [K,H,W]
+            conf = confusion_matrix(logits.argmax(0).astype(np.uint8), gt, logits.shape[0])
             confs[j] = conf if confs[j] is None else confs[j] + conf
     miou_ref, miou_cand = (100 * scores(c)["miou"] for c in confs)
     return {"val_images": len(pairs), "miou_fp32": miou_ref, "miou_int8": miou_cand, "miou_drop": miou_ref - miou_cand}

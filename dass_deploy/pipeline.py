@@ -8,6 +8,7 @@ decoded are segmented and written, then the writer is closed, so the file plays 
 from __future__ import annotations
 
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -104,7 +105,20 @@ def run_video(
         finally:
             sink.close()
 
-    threads = [threading.Thread(target=f, name=f"dass-{f.__name__}", daemon=True) for f in (decode, infer, encode)]
+    def masked(stage: Callable[[], None]) -> Callable[[], None]:
+        """Run a stage with SIGINT blocked: Ctrl-C then always reaches the main thread (Python's handler lives there),
+        never a worker in the middle of native code (ONNX Runtime aborts the process when interrupted there)."""
+
+        def run() -> None:
+            if hasattr(signal, "pthread_sigmask"):
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            stage()
+
+        return run
+
+    threads = [
+        threading.Thread(target=masked(f), name=f"dass-{f.__name__}", daemon=True) for f in (decode, infer, encode)
+    ]
     start = time.perf_counter()
     interrupted = False
     for t in threads:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = 255
+from dass_train.labels import IGNORE_INDEX
 
 __all__ = [
     "ClassBalancedThresholds",
@@ -44,7 +44,9 @@ __all__ = [
     "pseudo_label_counts",
     "pseudo_label_stats",
     "segmentation_loss",
+    "image_confidence_cut",
     "static_pseudo_labels",
+    "threshold_static_labels",
 ]
 
 
@@ -71,26 +73,26 @@ def _check_pair(features: Tensor, labels: Tensor) -> None:
         )
 
 
-def _flat_pixels(features: Tensor) -> Tensor:
-    """[N,C,H,W] -> [N*H*W, C], pixel order n, h, w (the order of ``labels.reshape(-1)``)."""
-    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
-
-
 def _valid_labels(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
-    """[M] bool: the label is a real class (ignore_index and anything outside [0, K) are not)."""
+    """Same shape, bool: the label is a real class (ignore_index and anything outside [0, K) are not)."""
     return (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
 
 
-def _cosine_logits(pixels: Tensor, prototypes: Tensor, present: Tensor, tau: float = 1.0) -> Tensor:
-    """[M,C] x [K,C] -> [M,K] cosine similarity / tau; absent classes get the dtype's lowest value.
+def _cosine_logits(features: Tensor, prototypes: Tensor, present: Tensor, tau: float = 1.0) -> Tensor:
+    """features [N,C,H,W] x prototypes [K,C] -> [N,K,H*W] cosine similarity / tau, in >= fp32, autocast off.
 
-    The lowest finite value rather than -inf: exp() of it is exactly 0 (so the class is out of the softmax
-    denominator), yet nothing turns into NaN even when no class is present.
+    Works in the channels-first layout (one batched matmul, no [N*H*W, C] copy of the features) and normalises the
+    [N,K,HW] result instead of the C-channel features. Absent classes get the dtype's lowest finite value rather
+    than -inf: exp() of it is exactly 0 (the class is out of the softmax denominator), yet nothing turns into NaN
+    even when no class is present.
     """
-    sim = F.normalize(pixels, dim=1) @ F.normalize(prototypes, dim=1).t()
-    if tau != 1.0:
-        sim = sim / tau
-    return sim.masked_fill(~present.to(sim.device)[None, :], torch.finfo(sim.dtype).min)
+    n, c = features.shape[:2]
+    with _no_autocast(features):
+        pixels = _wide(features).reshape(n, c, -1)  # a view for contiguous NCHW
+        protos = F.normalize(_wide(prototypes).to(device=pixels.device, dtype=pixels.dtype), dim=1) / tau
+        norms = torch.linalg.vector_norm(pixels, dim=1, keepdim=True).clamp_min(1e-12)  # [N,1,HW], as F.normalize
+        sim = torch.matmul(protos, pixels) / norms  # [K,C] @ [N,C,HW] -> [N,K,HW]
+    return sim.masked_fill(~present.to(sim.device)[None, :, None], torch.finfo(sim.dtype).min)
 
 
 def downsample_labels(labels: Tensor, size: int | Sequence[int]) -> Tensor:
@@ -160,13 +162,15 @@ def class_prototypes(
     """
     _check_pair(features, labels)
     k = num_classes
-    pixels = _wide(_flat_pixels(features))
-    lab = labels.reshape(-1).to(pixels.device)
-    # Ignored pixels go to an extra row K that is dropped: one index_add, no per-class masks.
+    n, c = features.shape[:2]
+    pixels = _wide(features).reshape(n, c, -1)  # [N,C,HW], a view
+    lab = labels.reshape(n, 1, -1).to(pixels.device)  # [N,1,HW]
+    # Ignored pixels go to an extra class K that is dropped: one scatter_add, no per-class masks.
     idx = torch.where(_valid_labels(lab, k, ignore_index), lab, torch.full_like(lab, k))
     with _no_autocast(pixels):
-        sums = pixels.new_zeros(k + 1, pixels.shape[1]).index_add(0, idx, pixels)[:k]
-    counts = torch.bincount(idx, minlength=k + 1)[:k].to(sums.dtype)
+        sums = pixels.new_zeros(n, c, k + 1).scatter_add(2, idx.expand(n, c, -1), pixels)  # sums[n, :, label] += f
+        sums = sums.sum(0).t()[:k]  # [K,C]
+    counts = torch.bincount(idx.reshape(-1), minlength=k + 1)[:k].to(sums.dtype)
     if distributed:
         sums, counts = all_reduce_prototypes(sums, counts)
     present = counts > 0
@@ -199,18 +203,19 @@ def contrastive_loss(
     that wants fixed anchors (MoCo-style) passes ``prototypes.detach()`` (the trainer's ``detach_prototypes`` flag).
     """
     _check_pair(features, labels)
+    if tau <= 0:
+        raise ValueError(f"temperature tau must be > 0, got {tau}")
     k = prototypes.shape[0]
     if present.shape != (k,):
         raise ValueError(f"present must be [K]={k}, got {tuple(present.shape)}")
-    pixels = _wide(_flat_pixels(features))
-    lab = labels.reshape(-1).to(pixels.device)
-    with _no_autocast(pixels):
-        logits = _cosine_logits(pixels, _wide(prototypes).to(pixels.dtype), present, tau)  # [M,K]
+    logits = _cosine_logits(features, prototypes, present, tau)  # [N,K,HW]
+    with _no_autocast(logits):
         log_prob = torch.log_softmax(logits, dim=1)
+    lab = labels.reshape(labels.shape[0], 1, -1).to(logits.device)  # [N,1,HW]
     valid = _valid_labels(lab, k, ignore_index)
     safe = torch.where(valid, lab, torch.zeros_like(lab))
     valid = valid & present.to(lab.device)[safe]
-    nll = -log_prob.gather(1, safe[:, None])[:, 0]
+    nll = -log_prob.gather(1, safe)
     # torch.where (not multiplication) so that a masked -huge log-prob never becomes 0 * inf = NaN.
     nll = torch.where(valid, nll, torch.zeros_like(nll))
     return nll.sum() / valid.sum().clamp_min(1).to(nll.dtype)
@@ -284,13 +289,12 @@ def dynamic_pseudo_labels(
     features [N,C,H,W] (target), prototypes [K,C] (calibrated source prototypes, Eq. 7), present [K] bool ->
     labels [N,H,W] int64 with ``ignore_index`` where the best similarity is not above the threshold or no class is
     present. The authors' code thresholds the wrong quantity (a max over the argmax map); this is the paper's rule.
+    Neither the paper nor the code facts give T, so the trainer takes it from its config.
     """
     if features.dim() != 4:
         raise ValueError(f"expected features [N,C,H,W], got {tuple(features.shape)}")
     n, _, h, w = features.shape
-    pixels = _wide(_flat_pixels(features.detach()))
-    with _no_autocast(pixels):
-        sim = _cosine_logits(pixels, _wide(prototypes.detach()).to(pixels.dtype), present)
+    sim = _cosine_logits(features.detach(), prototypes.detach(), present)  # [N,K,HW]
     best, label = sim.max(dim=1)
     keep = (best > threshold) & present.to(label.device).any()
     label = torch.where(keep, label, torch.full_like(label, ignore_index))
@@ -393,6 +397,43 @@ class ClassBalancedThresholds:
         return torch.where(total > 0, value, torch.ones_like(value)).clamp(0.0, 1.0).float()
 
 
+def image_confidence_cut(conf: Tensor, image_portion: float) -> Tensor:
+    """[N,H,W] confidences -> [N]: each image's k-th largest confidence, k = ceil(portion * H * W).
+
+    The per-image half of the static labels: the top ``image_portion`` of every image is kept whatever its class
+    threshold says. ``image_portion=0`` returns +inf (nothing kept this way).
+    """
+    flat = conf.flatten(1)  # [N,HW]
+    if image_portion <= 0:
+        return torch.full(flat.shape[:1], float("inf"), dtype=flat.dtype, device=flat.device)
+    hw = flat.shape[1]
+    top = min(hw, max(1, math.ceil(image_portion * hw - 1e-6)))  # -1e-6: 0.1 * 50 must give 5, not 6
+    return flat.kthvalue(hw - top + 1, dim=1).values
+
+
+def threshold_static_labels(
+    conf: Tensor,
+    cls: Tensor,
+    thresholds: Tensor,
+    image_cut: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    excluded_classes: Iterable[int] = (),
+) -> Tensor:
+    """The labelling rule of ``static_pseudo_labels`` on already reduced predictions.
+
+    conf [N,H,W] max probability, cls [N,H,W] argmax, thresholds [K] per class, image_cut [N] per image
+    (``image_confidence_cut``) -> labels [N,H,W] int64. Split out so a pass that caches (conf, cls) per image can
+    apply the global thresholds afterwards without predicting twice.
+    """
+    keep = (conf >= thresholds.to(conf)[cls]) | (conf >= image_cut.to(conf)[:, None, None])
+    excluded = list(excluded_classes)
+    if excluded:
+        banned = torch.zeros(thresholds.shape[0], dtype=torch.bool, device=cls.device)
+        banned[torch.tensor(excluded, dtype=torch.long, device=cls.device)] = True
+        keep &= ~banned[cls]
+    return torch.where(keep, cls.long(), torch.full_like(cls, ignore_index, dtype=torch.long))
+
+
 @torch.no_grad()
 def static_pseudo_labels(
     probs: Tensor,
@@ -413,19 +454,8 @@ def static_pseudo_labels(
             f"expected probs [N,K,H,W] and thresholds [K], got {tuple(probs.shape)} and {tuple(thresholds.shape)}"
         )
     conf, cls = _wide(probs).max(dim=1)  # [N,H,W]
-    keep = conf >= thresholds.to(conf)[cls]
-    if image_portion > 0:
-        flat = conf.flatten(1)  # [N,HW]
-        hw = flat.shape[1]
-        top = min(hw, max(1, math.ceil(image_portion * hw - 1e-6)))  # -1e-6: 0.1 * 50 must give 5, not 6
-        kth_largest = flat.kthvalue(hw - top + 1, dim=1).values  # [N]
-        keep |= conf >= kth_largest[:, None, None]
-    excluded = list(excluded_classes)
-    if excluded:
-        banned = torch.zeros(probs.shape[1], dtype=torch.bool, device=cls.device)
-        banned[torch.tensor(excluded, dtype=torch.long, device=cls.device)] = True
-        keep &= ~banned[cls]
-    return torch.where(keep, cls, torch.full_like(cls, ignore_index))
+    cut = image_confidence_cut(conf, image_portion)
+    return threshold_static_labels(conf, cls, thresholds, cut, ignore_index, excluded_classes)
 
 
 # ---------------------------------------------------------------------------------------------------------- Table 4

@@ -68,7 +68,8 @@ __all__ = [
 
 def _check_plain(obj: Any, where: str = "payload") -> None:
     """Refuse values a ``weights_only`` load would reject, before anything is written."""
-    if obj is None or isinstance(obj, bool | int | float | str | bytes | torch.dtype | torch.Size | torch.device):
+    # exact types: numpy scalars subclass float/int but a weights_only load refuses them
+    if obj is None or type(obj) in (bool, int, float, str, bytes, torch.dtype, torch.Size, torch.device):
         return
     if isinstance(obj, Tensor):
         return
@@ -352,7 +353,7 @@ def load_model(
         raise CheckpointError(f"unknown stem {stem!r}; choose 'source' or 'target'")
     obj = load_checkpoint(path)
     container, sd, meta, others = _unwrap(obj, path)
-    for prefix in ("module.", "Scale."):
+    for prefix in ("_orig_mod.", "module.", "Scale."):
         sd = _strip_prefix(sd, prefix)
     layout = "dass" if container == "dass" else detect_layout(sd)
     if layout is None or (layout == "dass" and detect_layout(sd) is None):
@@ -437,7 +438,7 @@ def load_init_weights(model: DeepLabV2, path: str | os.PathLike) -> list[str]:
     fmt = "torchvision"
     if sd and all(k.startswith("Scale.") for k in sd):
         fmt = "deeplab-coco"
-    for prefix in ("module.", "Scale."):
+    for prefix in ("_orig_mod.", "module.", "Scale."):
         sd = _strip_prefix(sd, prefix)
     if "conv1.weight" not in sd or not any(k.startswith("layer4.") for k in sd):
         raise CheckpointError(f"not ResNet weights: first keys are {_preview(sd)}: {path}")

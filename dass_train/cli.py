@@ -36,8 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("command", help=f"a preset ({presets}), a preset .yaml file, 'eval' or 'synthesize'")
     p.add_argument("overrides", nargs="*", help="config overrides section.key=value, e.g. optim.lr=1e-4")
-    p.add_argument("--stage", default="all", choices=STAGE_CHOICES,
-                   help="which stage to run (all = source_only -> adapt -> distill if stages.distill_iters > 0)")
+    p.add_argument(
+        "--stage",
+        default="all",
+        choices=STAGE_CHOICES,
+        help="which stage to run (all = source_only -> adapt -> distill if stages.distill_iters > 0)",
+    )
     p.add_argument("--name", default=None, help="run folder name under run.out (default: the preset name)")
     p.add_argument("--resume", action="store_true", help="continue the run in --name from its last checkpoints")
     p.add_argument("--exist-ok", action="store_true", help="reuse an existing run folder without resuming")
@@ -48,9 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", help="(eval) horizontal-flip test-time augmentation")
     p.add_argument("--scales", default="1.0", help="(eval) comma-separated test scales, e.g. 0.75,1.0,1.25")
     p.add_argument("--out", default=None, help="(synthesize) output folder (default data.synthetic_root)")
-    p.add_argument("--max-iters", type=int, default=None,
-                   help="stop each stage after this many iterations (the LR schedule still spans the full stage; "
-                   "for interruption tests and smoke runs)")
+    p.add_argument(
+        "--max-iters",
+        type=int,
+        default=None,
+        help="stop each stage after this many iterations (the LR schedule still spans the full stage; "
+        "for interruption tests and smoke runs)",
+    )
     return p
 
 
@@ -113,12 +121,15 @@ def train(args: argparse.Namespace) -> int:
         if stage == "adapt" and init is None:
             init = run_dir / "source_only" / "last.pt"
             if not init.is_file():
-                raise UserError(f"the adapt stage starts from a source-only model: {init} not found "
-                                "(run --stage source_only first, or pass --init CKPT)")
+                raise UserError(
+                    f"the adapt stage starts from a source-only model: {init} not found "
+                    "(run --stage source_only first, or pass --init CKPT)"
+                )
         if stage == "distill" and adapted is None:
             adapted = run_dir / "adapt" / "last.pt"
-        trainer = Trainer(cfg, stage, run_dir, info, init_checkpoint=init, teacher_checkpoint=adapted,
-                          max_iters=args.max_iters)
+        trainer = Trainer(
+            cfg, stage, run_dir, info, init_checkpoint=init, teacher_checkpoint=adapted, max_iters=args.max_iters
+        )
         result = trainer.fit(resume=args.resume)
         results[stage] = result
         if stage == "source_only":
@@ -149,8 +160,13 @@ def _summary(cfg: Config, run_dir: Path, results: dict, seconds: float) -> None:
     print(f"\nSummary of {run_dir} ({seconds / 60:.1f} min)")
     for stage, result in results.items():
         m = result.metrics
-        rows[stage] = {"miou": m.get("miou"), "iou": m.get("iou"), "checkpoint": str(result.last),
-                       "minutes": round(result.seconds / 60, 2), **{k: m[k] for k in ("miou16", "miou13") if k in m}}
+        rows[stage] = {
+            "miou": m.get("miou"),
+            "iou": m.get("iou"),
+            "checkpoint": str(result.last),
+            "minutes": round(result.seconds / 60, 2),
+            **{k: m[k] for k in ("miou16", "miou13") if k in m},
+        }
         extra = "".join(f", {k} {100 * m[k]:.2f}" for k in ("miou16", "miou13") if k in m)
         print(f"  {stage:<12} target val mIoU {100 * m.get('miou', float('nan')):6.2f}{extra}   {result.last}")
     if "source_only" in rows and "adapt" in rows:
@@ -159,8 +175,9 @@ def _summary(cfg: Config, run_dir: Path, results: dict, seconds: float) -> None:
     last = list(results.values())[-1].metrics if results else {}
     if last.get("iou"):
         print(format_table(last, CLASS_NAMES))
-    (run_dir / "summary.json").write_text(json.dumps({"preset": cfg.preset, "stages": rows,
-                                                      "minutes": round(seconds / 60, 2)}, indent=1))
+    (run_dir / "summary.json").write_text(
+        json.dumps({"preset": cfg.preset, "stages": rows, "minutes": round(seconds / 60, 2)}, indent=1)
+    )
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> int:
@@ -170,7 +187,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
     from dass_train.checkpoint import load_model
     from dass_train.labels import CLASS_NAMES
     from dass_train.metrics import format_table
-    from dass_train.trainer import eval_dataset, ensure_synthetic, run_evaluation
+    from dass_train.trainer import ensure_synthetic, eval_dataset, run_evaluation
 
     if not args.checkpoint:
         raise UserError("eval needs --checkpoint CKPT")
@@ -191,8 +208,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
     if info.is_main:
         print(format_table(result, CLASS_NAMES))
         extra = "".join(f", {k} {100 * result[k]:.2f}" for k in ("miou16", "miou13") if k in result)
-        print(f"{args.checkpoint}: mIoU {100 * result['miou']:.2f}{extra} on {len(ds)} images "
-              f"({cfg.preset} {cfg.data.val_split}, eval size {cfg.data.eval_size[0]}x{cfg.data.eval_size[1]})")
+        print(
+            f"{args.checkpoint}: mIoU {100 * result['miou']:.2f}{extra} on {len(ds)} images "
+            f"({cfg.preset} {cfg.data.val_split}, eval size {cfg.data.eval_size[0]}x{cfg.data.eval_size[1]})"
+        )
     distributed.cleanup()
     return 0
 
@@ -204,8 +223,10 @@ def synthesize(args: argparse.Namespace) -> int:
     w, h = cfg.data.synthetic_size
     n_src, n_tt, n_tv = cfg.data.synthetic_counts
     out = Path(args.out or cfg.data.synthetic_root)
-    summary = generate(out, SyntheticConfig(width=w, height=h, n_source=n_src, n_target_train=n_tt,
-                                            n_target_val=n_tv, seed=cfg.run.seed))
+    summary = generate(
+        out,
+        SyntheticConfig(width=w, height=h, n_source=n_src, n_target_train=n_tt, n_target_val=n_tv, seed=cfg.run.seed),
+    )
     print(f"wrote the synthetic benchmark to {out}: {json.dumps(summary, default=str)}")
     return 0
 

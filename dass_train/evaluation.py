@@ -127,7 +127,8 @@ def evaluate(
     ``full_size=(W,H)``: resolution the logits are upsampled to (None: the label's own size).
     ``class_subsets`` adds ``{name: mIoU over those trainIds}`` (default miou16 / miou13 for 19 classes).
     Returns ``scores(...)`` plus the subset mIoUs, ``"confusion"`` (int64 [K,K]) and ``"num_images"``;
-    the model's train/eval mode is restored afterwards. Under DDP every rank gets the global result.
+    the model's train/eval mode is restored afterwards. Under DDP (each rank given its own shard of the split)
+    every rank gets the global result.
     """
     device = torch.device(device)
     if class_subsets is None:
@@ -160,6 +161,10 @@ def evaluate(
     finally:
         model.train(was_training)
     conf.all_reduce()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        count = torch.tensor([num_images], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(count)
+        num_images = int(count.item())
     matrix = conf.compute()
     result = scores(matrix)
     for name, subset in class_subsets.items():

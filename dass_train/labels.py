@@ -70,7 +70,10 @@ CLASS_NAMES: tuple[str, ...] = tuple(
 
 #: ``PALETTE[trainId]`` is the Cityscapes RGB colour of that class.
 PALETTE: np.ndarray = np.array(
-    [lab.color for lab in sorted((lab for lab in LABELS if lab.train_id != IGNORE_INDEX), key=lambda lab: lab.train_id)],
+    [
+        lab.color
+        for lab in sorted((lab for lab in LABELS if lab.train_id != IGNORE_INDEX), key=lambda lab: lab.train_id)
+    ],
     dtype=np.uint8,
 )
 

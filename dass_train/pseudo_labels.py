@@ -35,6 +35,11 @@ class StaticLabelResult:
     density: float  # labelled / all pixels
 
 
+def _quantize(p: torch.Tensor) -> torch.Tensor:
+    """Probabilities in [0, 1] -> integers on a 1/65535 grid (floor), the cache's 2-byte confidence format."""
+    return (p.double() * 65535).floor().clamp(0, 65535).to(torch.int32)
+
+
 def label_path(directory: Path, name: str) -> Path:
     """Where the pseudo label of target image ``name`` (its path relative to the split) lives."""
     return directory / (str(Path(name).with_suffix("")) + "_pseudo.png")
@@ -82,32 +87,28 @@ def generate_static_labels(
             logits = model(x)
         probs = F.interpolate(logits.float(), size=x.shape[2:], mode="bilinear", align_corners=False).softmax(1)
         cbst.update(probs)
-        conf, cls = probs[0].max(0)
-        flat = conf.flatten()
-        top = min(flat.numel(), max(1, int(np.ceil(image_portion * flat.numel() - 1e-6))))
-        kth = float(flat.kthvalue(flat.numel() - top + 1).values) if image_portion > 0 else 2.0
+        conf, cls = probs.max(1)  # [1,H,W]
+        cut = float(bida.image_confidence_cut(conf, image_portion)[0])
         cache = cache_dir / f"{i:07d}.npz"
-        np.savez(
-            cache,
-            conf=(conf * 65535).round().to(torch.int32).cpu().numpy().astype(np.uint16),
-            cls=cls.to(torch.uint8).cpu().numpy(),
-        )
+        np.savez(cache, conf=_quantize(conf[0]).cpu().numpy(), cls=cls[0].to(torch.uint8).cpu().numpy())
         full = sample.get("full_size")
         size = tuple(full) if full is not None else tuple(sample["raw_size"])
-        records.append((sample["name"], cache, kth, size))
+        records.append((sample["name"], cache, cut, size))
     cbst.all_reduce()
     thresholds = cbst.thresholds().cpu()
-    banned = np.zeros(num_classes, dtype=bool)
-    banned[list(excluded_classes)] = True
-    thr = thresholds.numpy()
     labelled = total = 0
-    for name, cache, kth, (w, h) in records:
+    for name, cache, cut, (w, h) in records:
         data = np.load(cache)
-        conf = data["conf"].astype(np.float32) / 65535.0
-        cls = data["cls"]
-        keep = (conf >= thr[cls] - 1.0 / 65535.0) | (conf >= kth - 1.0 / 65535.0)
-        keep &= ~banned[cls]
-        label = np.where(keep, cls, IGNORE_INDEX).astype(np.uint8)
+        conf = torch.from_numpy(data["conf"].astype(np.int64))[None]
+        cls = torch.from_numpy(data["cls"].astype(np.int64))[None]
+        # compared on the cache's 1/65535 grid: thresholds and cut are quantised the same way as the confidences
+        label = (
+            bida.threshold_static_labels(
+                conf, cls, _quantize(thresholds), _quantize(torch.tensor([cut])), IGNORE_INDEX, excluded_classes
+            )[0]
+            .numpy()
+            .astype(np.uint8)
+        )
         if (label.shape[1], label.shape[0]) != (w, h):
             label = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
         path = label_path(out_dir, name)

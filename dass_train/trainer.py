@@ -59,7 +59,9 @@ def _source_dataset(cfg: Config, transforms, seed: int) -> SegmentationDataset:
 
 
 def _target_root(cfg: Config) -> Path:
-    return Path(cfg.data.synthetic_root) / "cityscapes" if cfg.data.source == "synthetic" else Path(cfg.data.target_root)
+    return (
+        Path(cfg.data.synthetic_root) / "cityscapes" if cfg.data.source == "synthetic" else Path(cfg.data.target_root)
+    )
 
 
 def target_dataset(cfg: Config, split: str, transforms, with_labels: bool, seed: int = 0) -> CityscapesDataset:
@@ -161,7 +163,9 @@ def init_model(model: DeepLabV2, cfg: Config, init_checkpoint: Path | None, log)
         if payload.get("format") != "dass-checkpoint":
             raise CheckpointError(f"{init_checkpoint}: not a dass checkpoint (use dass-export --from for others)")
         model.load_state_dict(payload["model"], strict=True)
-        log(f"initialised from {init_checkpoint} ({payload['meta'].get('stage')}, it {payload['meta'].get('iteration')})")
+        log(
+            f"initialised from {init_checkpoint} ({payload['meta'].get('stage')}, it {payload['meta'].get('iteration')})"
+        )
         return
     if cfg.model.init:
         for line in load_init_weights(model, cfg.model.init):
@@ -220,8 +224,12 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------------------------
     def _stage_iters(self) -> int:
         s = self.cfg.stages
-        return {"source_only": s.source_only_iters, "adapt": s.adapt_iters, "distill": s.distill_iters,
-                "oracle": s.oracle_iters}[self.stage]
+        return {
+            "source_only": s.source_only_iters,
+            "adapt": s.adapt_iters,
+            "distill": s.distill_iters,
+            "oracle": s.oracle_iters,
+        }[self.stage]
 
     def _base_lr(self) -> float:
         s = self.cfg.stages
@@ -243,7 +251,9 @@ class Trainer:
     def _train_transform(self) -> TrainTransform:
         d, s = self.cfg.data, self.cfg.stages
         if self.stage in ("source_only", "oracle"):
-            tc = TransformConfig(s.source_only_resize_short, tuple(s.source_only_scale), tuple(s.source_only_crop), d.flip)
+            tc = TransformConfig(
+                s.source_only_resize_short, tuple(s.source_only_scale), tuple(s.source_only_crop), d.flip
+            )
         else:
             tc = TransformConfig(d.resize_short, tuple(d.scale), tuple(d.crop), d.flip)
         return TrainTransform(tc, self.normalization)
@@ -275,8 +285,9 @@ class Trainer:
             )
             self.source = _Stream(src, sampler, batch, workers, self.device)
         if self.stage in ("adapt", "distill", "oracle"):
-            base = target_dataset(cfg, "train", None, with_labels=self.stage == "oracle" or self._has_target_gt(),
-                                  seed=seed + 1)
+            base = target_dataset(
+                cfg, "train", None, with_labels=self.stage == "oracle" or self._has_target_gt(), seed=seed + 1
+            )
             if self.dist.is_main:
                 base.verify()
             if self.stage == "oracle":
@@ -297,12 +308,16 @@ class Trainer:
         self.ddp_model: nn.Module = self.model
         if self.dist.enabled:
             self.ddp_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False, find_unused_parameters=False,
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+                find_unused_parameters=False,
             )
         lr = self._base_lr()
         self.optimizer = torch.optim.SGD(
-            self.model.param_groups(lr), lr=lr, momentum=self.cfg.optim.momentum,
+            self.model.param_groups(lr),
+            lr=lr,
+            momentum=self.cfg.optim.momentum,
             weight_decay=self.cfg.optim.weight_decay,
         )
         self.initial_lrs = [g["lr"] for g in self.optimizer.param_groups]
@@ -314,10 +329,17 @@ class Trainer:
     def _meta(self, metrics: dict | None = None) -> dict:
         cfg = self.cfg
         return checkpoint_meta_default(
-            num_classes=NUM_CLASSES, backbone=cfg.model.backbone, feature=cfg.model.feature,
-            normalization=self.normalization, class_names=list(CLASS_NAMES), stage=self.stage,
-            iteration=self.iteration, config=cfg.to_dict(), metrics=metrics,
-            benchmark=cfg.preset, freeze_bn=cfg.model.freeze_bn,
+            num_classes=NUM_CLASSES,
+            backbone=cfg.model.backbone,
+            feature=cfg.model.feature,
+            normalization=self.normalization,
+            class_names=list(CLASS_NAMES),
+            stage=self.stage,
+            iteration=self.iteration,
+            config=cfg.to_dict(),
+            metrics=metrics,
+            benchmark=cfg.preset,
+            freeze_bn=cfg.model.freeze_bn,
         )
 
     def _state(self, metrics: dict | None) -> dict:
@@ -374,9 +396,17 @@ class Trainer:
         tf = EvalTransform(TransformConfig(eval_size=tuple(self.cfg.data.eval_size)), self.normalization)
         ds = _SizedTarget(target_dataset(self.cfg, "train", tf, with_labels=False, seed=self.cfg.run.seed + 1))
         result = generate_static_labels(
-            self.model, ds, directory, num_classes=NUM_CLASSES, portion=self.cfg.method.cbst_portion,
-            image_portion=self.cfg.method.image_portion, excluded_classes=tuple(self.cfg.method.excluded_classes),
-            device=self.device, dist_info=self.dist, amp_dtype=self.amp_dtype, progress=self.cfg.run.progress,
+            self.model,
+            ds,
+            directory,
+            num_classes=NUM_CLASSES,
+            portion=self.cfg.method.cbst_portion,
+            image_portion=self.cfg.method.image_portion,
+            excluded_classes=tuple(self.cfg.method.excluded_classes),
+            device=self.device,
+            dist_info=self.dist,
+            amp_dtype=self.amp_dtype,
+            progress=self.cfg.run.progress,
         )
         self.log(
             f"static labels round {self.pseudo_round}: {result.images} images, density {100 * result.density:.1f}%, "
@@ -405,7 +435,7 @@ class Trainer:
 
     def _adapt_losses(self, src: dict, tgt: dict) -> dict[str, Tensor]:
         """Eq. 1-12 for one (source, target) batch pair; the statistics of Table 4 ride along."""
-        cfg, method, w = self.cfg, self.cfg.method, self.cfg.loss
+        method, w = self.cfg.method, self.cfg.loss
         n = src["image"].shape[0]
         logits, feats = self._forward(torch.cat([src["image"], tgt["image"]]))
         logits, feats = logits.float(), feats.float()
@@ -418,8 +448,9 @@ class Trainer:
         if w.detach_prototypes:
             rho_s = rho_s.detach()
         dyn_raw = bida.dynamic_pseudo_labels(f_t, rho_s, pres_s, method.dynamic_threshold)  # Eq. 8-9, no Eq. 7
-        dyn_cal = bida.dynamic_pseudo_labels(f_t, self.memory.calibrate(rho_s.detach()), pres_s,
-                                             method.dynamic_threshold)  # Eq. 6-9
+        dyn_cal = bida.dynamic_pseudo_labels(
+            f_t, self.memory.calibrate(rho_s.detach()), pres_s, method.dynamic_threshold
+        )  # Eq. 6-9
         y_d = {"off": None, "uncalibrated": dyn_raw, "calibrated": dyn_cal}[method.dynamic_labels]
         y_t = y_f if y_d is None else bida.hybrid_pseudo_labels(y_d, y_f)  # Eq. 10
         rho_t, pres_t = bida.class_prototypes(f_t, y_t, NUM_CLASSES, distributed=self.dist.enabled)  # Eq. 1
@@ -439,8 +470,12 @@ class Trainer:
             losses["bcl"] = w.bcl * bida.contrastive_loss(f_s, y_s, rho_t, pres_t, w.tau)  # Eq. 3
         if "gt" in tgt:
             gt = bida.downsample_labels(tgt["gt"], size)
-            for key, lab in (("static", y_f), ("dyn_raw", dyn_raw), ("dyn_cal", dyn_cal),
-                             ("hybrid", bida.hybrid_pseudo_labels(dyn_cal, y_f))):
+            for key, lab in (
+                ("static", y_f),
+                ("dyn_raw", dyn_raw),
+                ("dyn_cal", dyn_cal),
+                ("hybrid", bida.hybrid_pseudo_labels(dyn_cal, y_f)),
+            ):
                 self.label_stats[key] += torch.tensor(bida.pseudo_label_counts(lab, gt), dtype=torch.float64)
         return losses
 
@@ -449,8 +484,10 @@ class Trainer:
         n = src["image"].shape[0]
         logits, _ = self._forward(torch.cat([src["image"], tgt["image"]]))
         logits = logits.float()
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype,
-                                             enabled=self.amp_dtype is not None):
+        with (
+            torch.no_grad(),
+            torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None),
+        ):
             teacher = self.teacher(tgt["image"]).float()
         log_p = F.log_softmax(logits[n:], dim=1)
         kl = F.kl_div(log_p, F.log_softmax(teacher, dim=1), log_target=True, reduction="none").sum(1).mean()
@@ -484,8 +521,10 @@ class Trainer:
         if finite.item() < self.dist.world_size:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
-            self.log(f"iteration {self.iteration}: non-finite loss ({float(total):.4g}), step skipped "
-                     f"({self.bad_steps}/{self.cfg.run.max_bad_steps})")
+            self.log(
+                f"iteration {self.iteration}: non-finite loss ({float(total):.4g}), step skipped "
+                f"({self.bad_steps}/{self.cfg.run.max_bad_steps})"
+            )
             if self.bad_steps >= self.cfg.run.max_bad_steps:
                 raise TrainingDiverged(
                     f"{self.bad_steps} consecutive non-finite losses at iteration {self.iteration}: stopping; the last "
@@ -543,14 +582,24 @@ class Trainer:
             self.target.dataset.label_dir = None
 
         cfg = self.cfg.run
-        bar = tqdm(total=self.max_iters, initial=self.iteration, desc=self.stage, unit="it",
-                   disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True)
+        bar = tqdm(
+            total=self.max_iters,
+            initial=self.iteration,
+            desc=self.stage,
+            unit="it",
+            disable=not (cfg.progress and self.dist.is_main),
+            dynamic_ncols=True,
+        )
         window: dict[str, list[float]] = defaultdict(list)
         metrics: dict = {}
         while self.iteration < self.max_iters:
-            if (self.stage == "adapt" and self.iteration > 0 and self.cfg.method.refresh_every
-                    and self.iteration % self.cfg.method.refresh_every == 0
-                    and self.pseudo_round < self.iteration // self.cfg.method.refresh_every):
+            if (
+                self.stage == "adapt"
+                and self.iteration > 0
+                and self.cfg.method.refresh_every
+                and self.iteration % self.cfg.method.refresh_every == 0
+                and self.pseudo_round < self.iteration // self.cfg.method.refresh_every
+            ):
                 self._refresh_static_labels()
             out = self.step()
             bar.update(1)
@@ -611,8 +660,11 @@ class Trainer:
         rows = {}
         for key, counts in self.label_stats.items():
             labelled, correct, valid = counts.tolist()
-            rows[key] = {"density": labelled / valid if valid else 0.0,
-                         "accuracy": correct / labelled if labelled else None, "pixels": valid}
+            rows[key] = {
+                "density": labelled / valid if valid else 0.0,
+                "accuracy": correct / labelled if labelled else None,
+                "pixels": valid,
+            }
         (self.stage_dir / "label_stats.json").write_text(json.dumps(rows, indent=1))
 
     def _load_teacher(self) -> None:
@@ -642,8 +694,16 @@ class _SizedTarget(Dataset):
         return item
 
 
-def run_evaluation(model: nn.Module, dataset: Dataset, cfg: Config, device: torch.device, dist_info: DistInfo,
-                   flip: bool = False, scales: tuple[float, ...] = (1.0,), progress: bool = True) -> dict:
+def run_evaluation(
+    model: nn.Module,
+    dataset: Dataset,
+    cfg: Config,
+    device: torch.device,
+    dist_info: DistInfo,
+    flip: bool = False,
+    scales: tuple[float, ...] = (1.0,),
+    progress: bool = True,
+) -> dict:
     """The standard protocol on target val: mIoU over 19 classes (+16 / 13 for SYNTHIA)."""
     if dist_info.enabled:
         dataset = torch.utils.data.Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
@@ -651,9 +711,18 @@ def run_evaluation(model: nn.Module, dataset: Dataset, cfg: Config, device: torc
     subsets = {"miou16": SYNTHIA_16, "miou13": SYNTHIA_13} if cfg.data.source == "synthia" else {}
     was = model.training
     model.eval()
-    result = evaluate(model, loader, num_classes=NUM_CLASSES, device=device, eval_size=None, flip=flip, scales=scales,
-                      amp=device.type == "cuda" and cfg.run.amp != "off", progress=progress and dist_info.is_main,
-                      class_subsets=subsets)
+    result = evaluate(
+        model,
+        loader,
+        num_classes=NUM_CLASSES,
+        device=device,
+        eval_size=None,
+        flip=flip,
+        scales=scales,
+        amp=device.type == "cuda" and cfg.run.amp != "off",
+        progress=progress and dist_info.is_main,
+        class_subsets=subsets,
+    )
     model.train(was)
     return plain_metrics(result)
 
@@ -664,13 +733,20 @@ def plain_metrics(result: dict) -> dict:
     for key, value in result.items():
         if key == "confusion":
             continue
-        if isinstance(value, (list, tuple, np.ndarray)):
-            out[key] = [float(v) for v in value]
-        elif isinstance(value, (np.floating, np.integer, float, int)):
-            out[key] = float(value) if not isinstance(value, (int, np.integer)) else int(value)
-        else:
-            out[key] = value
+        out[key] = _plain_value(value)
     return out
+
+
+def _plain_value(value):
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain_value(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    return value
 
 
 __all__ = ["STAGES", "StageResult", "Trainer", "TrainingDiverged", "IGNORE_INDEX", "run_evaluation"]

@@ -30,33 +30,24 @@ def make_models_root(root: Path) -> Path:
     if "root" in _EXPORTED:  # shared by test_app.py and test_app_browser.py within one pytest session
         return _EXPORTED["root"]
     import torch
-    from dass_deploy.export import export_model
 
-    from dass_train.checkpoint import save_checkpoint
-    from dass_train.labels import CLASS_NAMES
+    from dass_deploy.export import export_model
+    from dass_train.checkpoint import checkpoint_meta_default, save_checkpoint
     from dass_train.network import deeplab_v2
 
     torch.manual_seed(0)
     model = deeplab_v2(num_classes=19, backbone="resnet18").eval()
-
-    meta = {
-        "num_classes": 19,
-        "backbone": "resnet18",
-        "feature": "aspp",
-        "normalization": {"color": "RGB", "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]},
-        "class_names": list(CLASS_NAMES),
-        "stage": "source_only",
-        "iteration": 0,
-    }
+    meta = checkpoint_meta_default(backbone="resnet18", stage="source_only", metrics={"miou": 0.301})
     ckpt = root / "tiny.pt"
     save_checkpoint(ckpt, {"format": "dass-checkpoint", "version": 1, "model": model.state_dict(), "meta": meta})
     models = root / "models"
     export_model(ckpt, out=models, name="tiny_source", height=128, width=256, parity_samples=1, progress=False)
     shutil.copytree(models / "tiny_source", models / "tiny_bida")
-    for name, stage, miou in (("tiny_source", "source_only", 0.301), ("tiny_bida", "adapted", 0.412)):
+    # the exporter records the stage under export.checkpoint_stage; the copy overrides it with meta.json's own field
+    for name, extra in (("tiny_source", {}), ("tiny_bida", {"stage": "adapt", "metrics": {"miou": 0.412}})):
         meta_path = models / name / "meta.json"
         info = json.loads(meta_path.read_text())
-        info.update(name=name, stage=stage, benchmark="synthetic2cityscapes", metrics={"miou": miou})
+        info.update(name=name, benchmark="synth2real", **extra)
         meta_path.write_text(json.dumps(info, indent=2))
     _EXPORTED["root"] = models
     return models
@@ -137,7 +128,7 @@ def test_bad_file_gives_a_clear_message(client, tmp_path: Path) -> None:
 def test_compare_runs_source_and_adapted_models(client) -> None:
     src, ada, summary = client.predict(
         gradio_client.handle_file(str(FRANKFURT)),
-        "synthetic2cityscapes: tiny_source vs tiny_bida",
+        "synth2real: tiny_source vs tiny_bida",
         "onnxruntime",
         0.5,
         "original",
@@ -146,6 +137,46 @@ def test_compare_runs_source_and_adapted_models(client) -> None:
     assert Image.open(src).size == Image.open(ada).size == (256, 128)
     # both are copies of one network, so adaptation "changes" nothing: a real check that both ran on the same input
     assert summary.startswith("0.0% of the pixels change class")
+
+
+def test_video_goes_through_the_pipeline(client, tmp_path: Path) -> None:
+    import cv2
+
+    src = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (256, 128))
+    frame = np.asarray(Image.open(FRANKFURT).convert("RGB"))[..., ::-1]
+    for shift in range(6):
+        writer.write(np.ascontiguousarray(np.roll(frame, 8 * shift, axis=1)))
+    writer.release()
+    video, latency, files = client.predict(
+        gradio_client.handle_file(str(src)), "tiny_bida", "auto", 0.5, api_name="/segment_video"
+    )
+    assert "6 frames" in latency and "onnxruntime" in latency
+    (download,) = files
+    assert Path(download).name == "clip_segmented.mp4"
+    cap = cv2.VideoCapture(download)
+    count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    cap.release()
+    assert (count, size) == (6, (256, 128))
+    assert Path(video["video"] if isinstance(video, dict) else video).is_file()
+
+
+def test_video_tab_rejects_a_non_video(client, tmp_path: Path) -> None:
+    fake = tmp_path / "clip.mp4"
+    fake.write_bytes(b"not a video at all" * 10)
+    with pytest.raises(gradio_client.exceptions.AppError, match="'clip.mp4' could not be read as a video"):
+        client.predict(gradio_client.handle_file(str(fake)), "tiny_bida", "auto", 0.5, api_name="/segment_video")
+
+
+def test_models_are_listed_with_stage_and_miou(models_root: Path) -> None:
+    from app.app import compare_pairs, discover_models
+
+    models = discover_models(models_root)
+    assert models["tiny_source"].label() == "tiny_source (source only, resnet18, mIoU 30.1)"
+    assert "mIoU on Cityscapes val: **41.2**" in models["tiny_bida"].describe()
+    (pair,) = compare_pairs(models)
+    assert (pair.source.name, pair.adapted.name) == ("tiny_source", "tiny_bida")
 
 
 def test_main_reports_an_empty_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

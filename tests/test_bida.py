@@ -194,13 +194,18 @@ def test_contrastive_loss_is_vectorized():
     f = torch.randn(2, 76, 92, 92, generator=gen)
     y = torch.randint(0, 19, (2, 92, 92), generator=gen)
     protos, present = bida.class_prototypes(f, y, 19)
-    bida.contrastive_loss(f, y, protos, present, 0.1)  # warm-up
-    best = math.inf
-    for _ in range(5):
-        start = time.perf_counter()
-        bida.contrastive_loss(f, y, protos, present, 0.1)
-        best = min(best, time.perf_counter() - start)
-    assert best < 0.05, f"contrastive_loss took {best * 1000:.1f} ms"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared, loaded machine two threads fight each other; one thread times steadily
+    try:
+        bida.contrastive_loss(f, y, protos, present, 0.1)  # warm-up
+        best = math.inf
+        for _ in range(10):
+            start = time.perf_counter()
+            bida.contrastive_loss(f, y, protos, present, 0.1)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    assert best < 0.05, f"contrastive_loss took {best * 1000:.1f} ms"  # ~6 ms on one idle core; loops take seconds
 
 
 # --------------------------------------------------------------------------------------------------------- Eq. 4 - 7

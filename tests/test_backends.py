@@ -1,0 +1,185 @@
+"""Runtime backends, Segmenter, visualisation and the benchmark, on a real exported (random-init ResNet-18) model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from dass_deploy.errors import DeployError
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = Path("/work/shared/samples/cityscapes")
+SAMPLE_IMAGES = [SAMPLES / "frankfurt_000000_000294_leftImg8bit.png", SAMPLES / "street_1024x512.png"]
+EXPORT_SIZE = (128, 256)
+
+
+def subprocess_env() -> dict[str, str]:
+    """The repo importable in child processes, whether or not the package is installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random-init DeepLab-V2 ResNet-18 saved with the real ``save_checkpoint`` (seeded: runs agree)."""
+    torch = pytest.importorskip("torch")
+    from dass_train.checkpoint import checkpoint_meta_default, save_checkpoint
+    from dass_train.network import deeplab_v2
+
+    torch.manual_seed(0)
+    model = deeplab_v2(num_classes=19, backbone="resnet18")
+    path = tmp_path_factory.getbasetemp() / "r18" / "r18.pt"
+    meta = checkpoint_meta_default(backbone="resnet18", stage="source")
+    save_checkpoint(path, {"format": "dass-checkpoint", "version": 1, "model": model.state_dict(), "meta": meta})
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(checkpoint, tmp_path_factory) -> Path:
+    """``models/r18`` exported with the real ``export_model`` at 128x256 (fixed size, uint8 labels)."""
+    from dass_deploy.export import export_model
+
+    out = tmp_path_factory.getbasetemp() / "models"
+    result = export_model(checkpoint, out=out, name="r18", height=EXPORT_SIZE[0], width=EXPORT_SIZE[1], progress=False)
+    return Path(result.model_dir)
+
+
+def test_import_without_torch(model_dir):
+    """The ONNX path (backends, Segmenter, CLI, visualisation) never imports torch."""
+    code = (
+        "import sys, numpy as np\n"
+        "from dass_deploy.segmenter import Segmenter\n"
+        "import dass_deploy.backends, dass_deploy.cli, dass_deploy.visualize, dass_deploy.pipeline\n"
+        "from dass_deploy.sources import read_image\n"
+        f"seg = Segmenter({str(model_dir)!r}, backend='onnxruntime')\n"
+        f"labels = seg.predict(read_image({str(SAMPLE_IMAGES[0])!r}))\n"
+        "assert labels.shape == (128, 256) and labels.dtype == np.uint8, labels.shape\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('ok', seg.backend_name)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ok onnxruntime" in proc.stdout
+
+
+def test_backends_agree_on_samples(model_dir):
+    """ONNX Runtime and torch eager (the model dir's source checkpoint) give the same labels on real images."""
+    from dass_deploy.segmenter import Segmenter
+
+    ort_seg = Segmenter(model_dir, backend="onnxruntime")
+    torch_seg = Segmenter(model_dir, backend="torch")
+    assert (ort_seg.backend_name, torch_seg.backend_name) == ("onnxruntime", "torch")
+    assert torch_seg.size == ort_seg.size == EXPORT_SIZE
+    for path in SAMPLE_IMAGES:
+        rgb = read_rgb(path)
+        a, b = ort_seg.predict(rgb), torch_seg.predict(rgb)
+        assert a.shape == b.shape == rgb.shape[:2]
+        assert (a == b).mean() >= 0.995, f"{path.name}: agreement {(a == b).mean():.4f}"
+        assert len(np.unique(a)) > 1  # a random net still predicts several classes: the test can see differences
+
+
+def test_predict_batch_mixed_sizes(model_dir):
+    """Batching does not change results; each label map comes back at its own image's size."""
+    from dass_deploy.segmenter import Segmenter
+
+    seg = Segmenter(model_dir)
+    images = [read_rgb(p) for p in SAMPLE_IMAGES] + [read_rgb(SAMPLE_IMAGES[1])[:300, :500]]
+    batched = seg.predict_batch(images)
+    for img, labels in zip(images, batched, strict=True):
+        assert labels.shape == img.shape[:2] and labels.dtype == np.uint8
+        np.testing.assert_array_equal(labels, seg.predict(img))
+    raw = seg.backend.predict(np.zeros((2, 3, *EXPORT_SIZE), np.float32))
+    assert raw.shape == (2, *EXPORT_SIZE) and raw.dtype == np.uint8
+
+
+def test_backend_errors(model_dir, checkpoint, tmp_path):
+    from dass_deploy.backends import create_backend
+    from dass_deploy.segmenter import Segmenter
+
+    with pytest.raises(DeployError, match="not found"):
+        create_backend(tmp_path / "nope")
+    with pytest.raises(DeployError, match="only --backend torch"):
+        create_backend(checkpoint, backend="onnxruntime")
+    with pytest.raises(DeployError, match="tensorrt|TensorRT|GPU|cuda"):
+        create_backend(model_dir, backend="tensorrt", device="cuda")
+    with pytest.raises(DeployError, match="CUDAExecutionProvider|cuda"):
+        create_backend(model_dir, backend="onnxruntime", device="cuda")
+    with pytest.raises(DeployError, match="fixed input of 128x256"):
+        Segmenter(model_dir, size="256x512")
+    with pytest.raises(DeployError, match="--size"):
+        Segmenter(model_dir, size="12x3")
+
+
+def test_torch_backend_from_checkpoint_runs_native_size(checkpoint):
+    from dass_deploy.segmenter import Segmenter
+
+    seg = Segmenter(checkpoint)
+    assert seg.backend_name == "torch" and seg.size is None and len(seg.class_names) == 19
+    rgb = read_rgb(SAMPLE_IMAGES[0])
+    assert seg.predict(rgb).shape == rgb.shape[:2]
+
+
+def test_visualize():
+    from dass_deploy.visualize import class_shares, color_mask, legend, overlay, paste_legend
+    from dass_train.labels import CLASS_NAMES, PALETTE
+
+    labels = np.array([[0, 13], [255, 13]], np.uint8)
+    rgb = np.full((2, 2, 3), 200, np.uint8)
+    colors = color_mask(labels, PALETTE)
+    assert colors[0, 0].tolist() == [128, 64, 128] and colors[0, 1].tolist() == [0, 0, 142]
+    assert colors[1, 0].tolist() == [0, 0, 0]
+    np.testing.assert_array_equal(overlay(rgb, labels, PALETTE, alpha=0.0), rgb)
+    full = overlay(rgb, labels, PALETTE, alpha=1.0)
+    assert full[0, 1].tolist() == [0, 0, 142] and full[1, 0].tolist() == [200, 200, 200]  # ignore keeps the image
+    np.testing.assert_allclose(class_shares(labels, 19)[[0, 13]], [1 / 3, 2 / 3])
+    assert class_shares(labels, 19).sum() == pytest.approx(1.0)
+    two = legend(CLASS_NAMES, PALETTE, present=[0, 13], row_height=20)
+    everything = legend(CLASS_NAMES, PALETTE)
+    assert two.shape[0] == 40 and everything.shape[0] == 19 * 20 and two.dtype == np.uint8
+    assert tuple(two[10, 10]) == (128, 64, 128) and tuple(two[30, 10]) == (0, 0, 142)
+    mask = class_shares(labels, 19) > 0
+    np.testing.assert_array_equal(legend(CLASS_NAMES, PALETTE, present=mask), two)
+    frame = np.zeros((64, 128, 3), np.uint8)
+    pasted = paste_legend(frame, everything)
+    assert pasted.shape == frame.shape and pasted.any()
+
+
+def test_benchmark_table(model_dir, tmp_path):
+    """Both CPU backends timed in one run, with the pipeline measured too; markdown + JSON written."""
+    from dass_deploy.benchmark import run_benchmark, save_results
+
+    rows = run_benchmark(
+        model=model_dir,
+        sizes=[EXPORT_SIZE, (64, 128)],
+        repeats=3,
+        warmup=1,
+        pipeline_frames=6,
+        progress=False,
+        threads=2,
+    )
+    timed = {r["backend"]: r for r in rows if "p50_ms" in r}
+    assert set(timed) == {"onnxruntime", "torch"}
+    skipped = [r for r in rows if "skipped" in r]
+    assert [r["backend"] for r in skipped] == ["onnxruntime"]  # fixed 128x256 graph; torch runs any size
+    for r in timed.values():
+        assert 0 < r["p50_ms"] <= r["p95_ms"] and r["img_per_s"] > 0 and r["peak_mem_mb"] >= 0
+        assert r["pipeline_fps"] > 0 and r["pipeline_ratio"] > 0
+    md = save_results(rows, "test", "dass-segment --benchmark", tmp_path)
+    text = md.read_text()
+    assert "| onnxruntime | fp32 | cpu | 128x256 |" in text and "ONNX Runtime vs torch eager (fp32, 128x256)" in text
+    payload = json.loads(md.with_suffix(".json").read_text())
+    assert payload["command"] == "dass-segment --benchmark" and "128x256" in payload["speedups_onnxruntime_vs_torch"]

@@ -1,0 +1,167 @@
+"""The synthetic GTA5 -> Cityscapes generator: file layouts, label formats, determinism, domain gap, speed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from dass_train.data import synthetic as S
+from dass_train.errors import DataError
+from dass_train.labels import LABELS, NUM_CLASSES, label_ids_to_train_ids
+
+SMALL = S.SyntheticConfig(width=256, height=128, n_source=6, n_target_train=5, n_target_val=4, seed=3)
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    S.generate(root, SMALL, progress=False)
+    return root
+
+
+def test_layout_and_file_names(small_root: Path) -> None:
+    images = sorted(p.name for p in (small_root / "gta5" / "images").iterdir())
+    labels = sorted(p.name for p in (small_root / "gta5" / "labels").iterdir())
+    assert images == labels == [f"{i:05d}.png" for i in range(1, SMALL.n_source + 1)]
+    for split, n in (("train", SMALL.n_target_train), ("val", SMALL.n_target_val)):
+        imgs = sorted((small_root / "cityscapes" / "leftImg8bit" / split).glob("*/*.png"))
+        gts = sorted((small_root / "cityscapes" / "gtFine" / split).glob("*/*.png"))
+        assert len(imgs) == len(gts) == n
+        cities = {p.parent.name for p in imgs}
+        assert 2 <= len(cities) <= 3 and cities <= set(S.TARGET_CITIES[split])
+        for img, gt in zip(imgs, gts, strict=True):
+            m = re.fullmatch(r"([a-z]+)_000000_(\d{6})_leftImg8bit\.png", img.name)
+            assert m and m.group(1) == img.parent.name
+            assert gt.name == f"{m.group(1)}_000000_{m.group(2)}_gtFine_labelIds.png"
+    meta = json.loads((small_root / "synthetic.json").read_text())
+    assert meta["seed"] == SMALL.seed and meta["version"] == S.GENERATOR_VERSION
+    assert meta["counts"] == {"source": 6, "train": 5, "val": 4}
+    assert (meta["width"], meta["height"]) == (256, 128)
+
+
+def test_label_formats(small_root: Path) -> None:
+    valid_ids = {lab.id for lab in LABELS}
+    for path in sorted((small_root / "gta5" / "labels").iterdir()):
+        im = Image.open(path)
+        assert im.mode == "P" and im.size == (256, 128)
+        pal = np.array(im.getpalette()[: 256 * 3], dtype=np.uint8).reshape(-1, 3)
+        ids = np.array(im)  # palette indices are the labelIds, like real GTA5 labels
+        assert set(np.unique(ids)) <= valid_ids
+        for lab in LABELS:
+            assert tuple(pal[lab.id]) == lab.color, lab.name
+        rgb = Image.open(small_root / "gta5" / "images" / path.name)
+        assert rgb.mode == "RGB" and rgb.size == (256, 128)
+    for path in sorted((small_root / "cityscapes" / "gtFine").rglob("*.png")):
+        im = Image.open(path)
+        assert im.mode == "L" and im.size == (256, 128)
+        train_ids = label_ids_to_train_ids(np.array(im))
+        assert (train_ids != 255).mean() > 0.95  # void is sparse
+    # the labels are exactly the scene that was rendered: regenerate one image alone from its seed
+    rng = S.image_rng(SMALL.seed, "train", 2)
+    expected = S.compose_scene(rng, 256, 128).labels
+    gt = next((small_root / "cityscapes" / "gtFine" / "train").rglob("*_000002_gtFine_labelIds.png"))
+    np.testing.assert_array_equal(label_ids_to_train_ids(np.array(Image.open(gt))), expected)
+
+
+def test_deterministic_and_independent_of_workers(small_root: Path, tmp_path: Path) -> None:
+    S.generate(tmp_path / "a", SMALL, progress=False, workers=2)
+    assert _digest(tmp_path / "a") == _digest(small_root)
+    other = S.SyntheticConfig(**{**SMALL.__dict__, "seed": SMALL.seed + 1})
+    S.generate(tmp_path / "b", other, progress=False)
+    assert _digest(tmp_path / "b") != _digest(small_root)
+
+
+def test_ensure_dataset_reuses_and_regenerates(tmp_path: Path) -> None:
+    cfg = S.SyntheticConfig(width=128, height=64, n_source=2, n_target_train=2, n_target_val=2, seed=1)
+    root = S.ensure_dataset(tmp_path / "d", cfg, progress=False)
+    stamp = (root / "synthetic.json").stat().st_mtime_ns
+    assert S.ensure_dataset(root, cfg, progress=False) == root
+    assert (root / "synthetic.json").stat().st_mtime_ns == stamp  # reused, not rewritten
+    bigger = S.SyntheticConfig(**{**cfg.__dict__, "n_source": 3})
+    S.ensure_dataset(root, bigger, progress=False)
+    assert len(list((root / "gta5" / "images").iterdir())) == 3
+    assert json.loads((root / "synthetic.json").read_text())["n_source"] == 3
+    # a folder with data but no synthetic.json may be a real dataset: refuse
+    (tmp_path / "real" / "gta5").mkdir(parents=True)
+    with pytest.raises(DataError, match="synthetic.json"):
+        S.ensure_dataset(tmp_path / "real", cfg, progress=False)
+
+
+def test_class_coverage_and_plausible_layout() -> None:
+    counts = np.zeros(256, dtype=np.int64)
+    for i in range(80):
+        labels = S.render_layout(np.random.default_rng([7, i]), 256, 128)
+        assert labels.dtype == np.uint8 and labels.shape == (128, 256)
+        counts += np.bincount(labels.ravel(), minlength=256)
+        rows_sky = np.flatnonzero((labels == 10).any(axis=1))
+        rows_road = np.flatnonzero((labels == 0).any(axis=1))
+        assert rows_road.size and rows_road.max() == 127  # the road reaches the bottom
+        if rows_sky.size:
+            assert rows_sky.max() < rows_road.min() + 2  # sky is above the horizon, road below
+    present = int((counts[:NUM_CLASSES] > 0).sum())
+    assert present >= 15, counts[:NUM_CLASSES]
+    assert counts[255] / counts.sum() < 0.01
+    share = counts[:NUM_CLASSES] / counts.sum()
+    assert share[0] > 0.15 and share[2] > 0.1  # road and building dominate, like in real street datasets
+
+
+def test_domains_differ_in_colour_for_the_same_layout() -> None:
+    """Per-class mean colour distance between the styles, far above the spread between two source renderings."""
+    gap, same = [], []
+    for i in range(6):
+        rng = np.random.default_rng([11, i])
+        scene = S.compose_scene(rng, 256, 128)
+        labels = scene.labels
+        src_a, src_b = S.render_source(scene, rng), S.render_source(scene, rng)
+        tgt = S.render_target(scene, rng)
+        assert tgt.shape == src_a.shape == (128, 256, 3) and tgt.dtype == np.uint8
+        for c in np.unique(labels):
+            m = labels == c
+            if c == 255 or m.sum() < 50:
+                continue
+            mean_a, mean_b, mean_t = (im[m].astype(np.float64).mean(0) for im in (src_a, src_b, tgt))
+            gap.append(np.linalg.norm(mean_a - mean_t))
+            same.append(np.linalg.norm(mean_a - mean_b))
+    assert np.mean(gap) > 40 and np.mean(gap) > 2 * np.mean(same), (np.mean(gap), np.mean(same))
+    # the target style is a camera: noisy (high-frequency energy) where the source is flat
+    rng = np.random.default_rng(5)
+    scene = S.compose_scene(rng, 256, 128)
+    lap = lambda im: np.abs(cv2.Laplacian(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY), cv2.CV_32F))  # noqa: E731
+    road = scene.labels == 0
+    assert np.median(lap(S.render_target(scene, rng))[road]) > np.median(lap(S.render_source(scene, rng))[road]) + 1
+    # a plain trainId map (no scene) renders too
+    assert S.render_target(scene.labels, rng).shape == (128, 256, 3)
+
+
+def test_render_speed_one_core() -> None:
+    """Layout + one style per image (what ``generate`` does), CPU time of this process: robust to a busy machine."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        S.render_source(S.compose_scene(np.random.default_rng(0), 512, 256), np.random.default_rng(0))  # warm-up
+        start = time.process_time()
+        for i in range(40):
+            rng = np.random.default_rng([0, i])
+            scene = S.compose_scene(rng, 512, 256)
+            (S.render_source if i % 2 else S.render_target)(scene, rng)
+        rate = 40 / (time.process_time() - start)
+    finally:
+        cv2.setNumThreads(threads)
+    assert rate >= 50, f"{rate:.1f} images/s"
+
+
+def test_bad_settings_raise_user_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="too small"):
+        S.generate(tmp_path, S.SyntheticConfig(width=16, height=8), progress=False)

@@ -1,0 +1,127 @@
+"""Video through the threaded pipeline: real clips made with OpenCV, real backends, Ctrl-C in a subprocess."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from test_backends import SAMPLES, checkpoint, model_dir, subprocess_env  # noqa: F401  (session fixtures)
+
+from dass_deploy.cli import segment_main
+
+W, H, FPS = 256, 128, 30.0
+
+
+def make_clip(path: Path, frames: int, fourcc: str = "mp4v") -> Path:
+    """Pan and zoom over the real street sample -> ``frames`` frames of 256x128 at 30 fps."""
+    street = cv2.imread(str(SAMPLES / "street_1024x512.png"))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), FPS, (W, H))
+    for t in range(frames):
+        zoom = 1.0 + 0.5 * (t % 40) / 40  # crop shrinks -> zoom in
+        cw, ch = int(1024 / zoom / 1.5), int(512 / zoom / 1.5)
+        x0 = int((1024 - cw) * (t % 50) / 50)
+        crop = street[(512 - ch) // 2 : (512 - ch) // 2 + ch, x0 : x0 + cw]
+        writer.write(cv2.resize(crop, (W, H), interpolation=cv2.INTER_AREA))
+    writer.release()
+    return path
+
+
+def probe(path: Path) -> tuple[int, float, int, int]:
+    """(decoded frames, fps, width, height): frames are counted by decoding, not from the header."""
+    cap = cv2.VideoCapture(str(path))
+    assert cap.isOpened(), f"{path} does not open"
+    fps, w, h = (
+        cap.get(cv2.CAP_PROP_FPS),
+        int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
+        int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+    )
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n, fps, w, h
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    return make_clip(tmp_path_factory.mktemp("clip") / "drive.mp4", 36)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_video_keeps_frames_fps_size(model_dir, clip, tmp_path, backend, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    rc = segment_main([str(clip), "--model", str(model_dir), "--backend", backend, "--out", str(out), "--legend"])
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    assert "audio, if any, is not copied" in text.out and "1 video (36 frames)" in text.out
+    n, fps, w, h = probe(out / "drive_overlay.mp4")
+    assert (n, w, h) == (36, W, H) and fps == pytest.approx(FPS)
+    # the overlay really carries the segmentation: it differs from the input frame
+    first_in = cv2.VideoCapture(str(clip)).read()[1]
+    first_out = cv2.VideoCapture(str(out / "drive_overlay.mp4")).read()[1]
+    assert np.abs(first_in.astype(int) - first_out.astype(int)).mean() > 10
+
+
+def test_avi_in_avi_out(model_dir, tmp_path, capsys):  # noqa: F811
+    clip = make_clip(tmp_path / "cam.avi", 12, fourcc="MJPG")
+    rc = segment_main([str(clip), "--model", str(model_dir), "--out", str(tmp_path / "o"), "--batch", "4", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert probe(tmp_path / "o" / "cam_overlay.avi")[0] == 12
+
+
+def test_pipeline_throughput_close_to_model_only(model_dir, clip, tmp_path):  # noqa: F811
+    """End to end (decode, infer, overlay, encode) keeps most of the model-only rate (lenient: shared CPUs)."""
+    from dass_deploy.pipeline import run_video
+    from dass_deploy.segmenter import Segmenter
+    from dass_deploy.sinks import Renderer, VideoSink
+    from dass_deploy.sources import VideoItem, open_video
+
+    seg = Segmenter(model_dir)
+    x = np.random.default_rng(0).uniform(0, 255, (1, 3, H, W)).astype(np.float32)
+    seg.backend.predict(x)
+    t0 = time.perf_counter()
+    for _ in range(36):
+        seg.backend.predict(x)
+    model_fps = 36 / (time.perf_counter() - t0)
+    capture, info = open_video(VideoItem(str(clip), "drive", "video"))
+    sink = VideoSink(tmp_path / "e2e.mp4", info.fps, info.width, info.height)
+    stats = run_video(seg, capture, sink, Renderer(seg.class_names, seg.palette), total=info.frames, progress=False)
+    assert stats.frames == 36 and not stats.interrupted
+    assert stats.fps >= 0.5 * model_fps, f"pipeline {stats.fps:.1f} fps vs model {model_fps:.1f} fps"
+
+
+def test_sigint_closes_the_file_cleanly(model_dir, tmp_path):  # noqa: F811
+    """Ctrl-C mid-video: the decoder stops, the frames in flight are written, the file plays."""
+    clip = make_clip(tmp_path / "long.mp4", 600)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dass_deploy",
+        str(clip),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    target = out / "long_overlay.mp4"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (target.exists() and target.stat().st_size > 20_000):
+        time.sleep(0.2)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert "Traceback" not in stderr, stderr
+    assert proc.returncode == 130 and "interrupted" in stdout + stderr
+    frames = probe(target)[0]
+    assert 0 < frames < 600
+    assert f"({frames} frames)" in stdout
