@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from dass_deploy import visualize
 from dass_deploy.errors import DeployError
 from dass_deploy.pipeline import run_video
-from dass_deploy.repository import list_models
+from dass_deploy.repository import default_model_dir, list_models
 from dass_deploy.segmenter import Segmenter
 from dass_deploy.sinks import Renderer, VideoSink
 from dass_deploy.sources import VIDEO_EXTS, VideoItem, open_video, read_image
@@ -139,7 +139,7 @@ class ModelEntry:
         if details:
             text += " (" + ", ".join(details) + ")"
         if self.miou is not None:
-            text += f"; mIoU on Cityscapes val: **{self.miou:.1f}**"
+            text += f"; mIoU on the target validation set: **{self.miou:.1f}**"
         return text + "."
 
 
@@ -180,6 +180,15 @@ def compare_pairs(models: dict[str, ModelEntry]) -> list[ComparePair]:
     return pairs
 
 
+def _default_model(models_root: str | Path, models: dict[str, ModelEntry]) -> str:
+    """The repository's ``DEFAULT`` model (or ``$DASS_MODEL``) when it is listed, else the first by name."""
+    try:
+        name = default_model_dir(models_root).name
+    except DeployError:
+        return next(iter(models))
+    return name if name in models else next(iter(models))
+
+
 def available_backends() -> list[str]:
     """Backends whose runtime is importable here; "auto" lets ``Segmenter`` pick the best one per model."""
     import importlib.util
@@ -210,10 +219,11 @@ CSS = """
 INTRO = (
     "This demo segments street scenes into the 19 Cityscapes classes with a DeepLab-v2 network trained by "
     "**BiDA** (Bi-directional Contrastive Learning for Domain Adaptive Semantic Segmentation, ECCV 2022). "
-    "The network learned from *labelled synthetic* driving images and was adapted, without any labels, to "
-    "*real* Cityscapes photos: contrastive learning pulls pixel features of the same class together across the "
-    "two domains, and self-training on confident pseudo-labels finishes the job. Upload a photo or a short video, "
-    "use the webcam, or click an example. It runs on CPU through `dass_deploy`, the same runtime as the "
+    "The network learned from *labelled synthetic* street scenes and was then adapted to *real* photos without "
+    "any of their labels: BiDA pulls the pixel features of each class in target images towards the source "
+    "prototype of that class and source pixels towards target prototypes (bi-directional pixel-prototype "
+    "contrastive learning), using dynamic pseudo labels transferred from the prototypes. Upload a photo or a short "
+    "video, use the webcam, or click an example. It runs on CPU through `dass_deploy`, the same runtime as the "
     "`dass-segment` CLI."
 )
 
@@ -291,9 +301,8 @@ def build_demo(models_root: str | Path = "models") -> gr.Blocks:
     atexit.register(shutil.rmtree, work_dir, ignore_errors=True)
     state = DemoState(models=models, work_dir=work_dir)
     backends = available_backends()
-    default_model = next(iter(models))
-    first = Segmenter(models[default_model].path, backend="auto")
-    palette = np.asarray(first.palette, dtype=np.uint8)
+    default_model = _default_model(models_root, models)
+    default_meta = models[default_model].meta  # checked by load_model_dir: class_names and palette are there
     examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.png"))
 
     def segment_image(image, model_name, backend, alpha, resolution):
@@ -383,7 +392,7 @@ def build_demo(models_root: str | Path = "models") -> gr.Blocks:
             backend_dd = gr.Dropdown(choices=backends, value="auto", label="Backend", scale=1)
             alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity", scale=2)
             resolution = gr.Radio(list(RESOLUTIONS), value="original", label="Output resolution", scale=2)
-        gr.HTML(_legend_html(list(first.class_names), palette))
+        gr.HTML(_legend_html(list(default_meta["class_names"]), np.asarray(default_meta["palette"], dtype=np.uint8)))
 
         with gr.Tabs():
             with gr.Tab("Image"):
@@ -432,8 +441,8 @@ def build_demo(models_root: str | Path = "models") -> gr.Blocks:
                         files_out = gr.File(label="Downloads", file_count="multiple", interactive=False)
             with gr.Tab("Video"):
                 with gr.Row():
-                    video_in = gr.Video(sources=["upload"], label=f"Video (up to {MAX_FILE_SIZE})")
-                    video_out = gr.Video(label="Segmented video", interactive=False)
+                    video_in = gr.Video(sources=["upload"], label=f"Video (up to {MAX_FILE_SIZE})", elem_id="video_in")
+                    video_out = gr.Video(label="Segmented video", interactive=False, elem_id="video_out")
                 video_btn = gr.Button("Segment video", variant="primary")
                 with gr.Row():
                     video_latency = gr.Markdown()
@@ -447,13 +456,19 @@ def build_demo(models_root: str | Path = "models") -> gr.Blocks:
                     gr.Markdown("The same image through the source-only model and the BiDA-adapted model.")
                     with gr.Row():
                         cmp_in = gr.Image(
-                            sources=["upload", "clipboard"], type="numpy", image_mode="RGB", label="Street scene"
+                            sources=["upload", "clipboard"],
+                            type="numpy",
+                            image_mode="RGB",
+                            label="Street scene",
+                            elem_id="compare_image",
                         )
                         pair_dd = gr.Dropdown([p.key for p in pairs], value=pairs[0].key, label="Model pair")
                     gr.Examples(examples=[[p] for p in examples], inputs=[cmp_in], label=EXAMPLES_LABEL)
                     with gr.Row():
                         src_out = gr.Image(label=f"Source only: {pairs[0].source.label()}", interactive=False)
-                        ada_out = gr.Image(label=f"Adapted: {pairs[0].adapted.label()}", interactive=False)
+                        ada_out = gr.Image(
+                            label=f"Adapted: {pairs[0].adapted.label()}", interactive=False, elem_id="compare_adapted"
+                        )
                     cmp_summary = gr.Markdown()
                 gr.on(
                     [cmp_in.change, pair_dd.change],

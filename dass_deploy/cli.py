@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -285,14 +284,7 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    status = segment_main()
-    if status == 130:
-        # Ctrl-C: every output is closed and flushed by now. ONNX Runtime can abort in its C++ teardown after an
-        # interrupted run (SIGABRT, "terminate called without an active exception"), so skip the teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
+    sys.exit(segment_main())
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ decoded are segmented and written, then the writer is closed, so the file plays 
 from __future__ import annotations
 
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +49,7 @@ def run_video(
     from tqdm import tqdm
 
     stop = threading.Event()
+    finished = threading.Event()  # set by the encoder once the file is closed
     decoded: queue.Queue = queue.Queue(maxsize=queue_size)
     segmented: queue.Queue = queue.Queue(maxsize=queue_size)
     errors: list[BaseException] = []
@@ -104,33 +104,25 @@ def run_video(
                 pass
         finally:
             sink.close()
+            finished.set()
 
-    def masked(stage: Callable[[], None]) -> Callable[[], None]:
-        """Run a stage with SIGINT blocked: Ctrl-C then always reaches the main thread (Python's handler lives there),
-        never a worker in the middle of native code (ONNX Runtime aborts the process when interrupted there)."""
-
-        def run() -> None:
-            if hasattr(signal, "pthread_sigmask"):
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            stage()
-
-        return run
-
-    threads = [
-        threading.Thread(target=masked(f), name=f"dass-{f.__name__}", daemon=True) for f in (decode, infer, encode)
-    ]
+    threads = [threading.Thread(target=f, name=f"dass-{f.__name__}", daemon=True) for f in (decode, infer, encode)]
     start = time.perf_counter()
     interrupted = False
     for t in threads:
         t.start()
-    while threads[-1].is_alive():
+    # Wait on a flag with sleep, not Thread.join: a join interrupted by Ctrl-C can report a live thread as finished
+    # (CPython < 3.13), and the interpreter would then exit under a writer that has not written its trailer yet.
+    while not finished.is_set():
         try:
-            threads[-1].join(timeout=0.1)  # short joins keep the main thread responsive to SIGINT
+            time.sleep(0.05)
         except KeyboardInterrupt:
             if not interrupted:
                 bar.write(f"{desc}: interrupted; writing the frames in flight and closing the file")
             interrupted = True
             stop.set()
+    for t in threads:
+        t.join()
     seconds = time.perf_counter() - start
     bar.close()
     if errors:

@@ -232,7 +232,7 @@ def synthesize(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     try:
         if args.command == "eval":
             return evaluate_checkpoint(args)

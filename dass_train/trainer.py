@@ -560,6 +560,8 @@ class Trainer:
         start = time.perf_counter()
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         barrier()
+        torch.manual_seed(self.cfg.run.seed)  # the same random init (synthetic preset) on every rank and every rerun
+        np.random.seed(self.cfg.run.seed)
         self._build_model()
         self._build_streams()
         last = self.stage_dir / "last.pt"

@@ -78,9 +78,14 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def client(models_root: Path) -> Iterator[gradio_client.Client]:
+def server(models_root: Path) -> Iterator[str]:
     with running_demo(models_root) as url:
-        yield gradio_client.Client(url, verbose=False)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> gradio_client.Client:
+    return gradio_client.Client(server, verbose=False)
 
 
 def _segment(client, image: Path, resolution: str = "original", model: str = "tiny_bida"):
@@ -123,6 +128,25 @@ def test_bad_file_gives_a_clear_message(client, tmp_path: Path) -> None:
     bad.write_text("this is a text file, not a picture\n")
     with pytest.raises(gradio_client.exceptions.AppError, match="'notes.png' is not an image"):
         _segment(client, bad)
+
+
+def test_server_refuses_uploads_over_the_limit(server: str) -> None:
+    import httpx
+
+    big = httpx.post(f"{server}gradio_api/upload", files={"files": ("big.png", b"\0" * 27_000_000, "image/png")})
+    assert big.status_code == 413 and "maximum allowed size" in big.text
+    small = httpx.post(f"{server}gradio_api/upload", files={"files": ("small.png", b"\0" * 1000, "image/png")})
+    assert small.status_code == 200
+
+
+def test_only_examples_and_models_are_served(server: str, models_root: Path) -> None:
+    import httpx
+
+    assert httpx.get(f"{server}gradio_api/file={STREET}").status_code == 200
+    assert httpx.get(f"{server}gradio_api/file={models_root / 'tiny_bida' / 'meta.json'}").status_code == 200
+    assert httpx.get(f"{server}gradio_api/file={ROOT / 'pyproject.toml'}").status_code == 403
+    assert httpx.get(f"{server}gradio_api/file=/etc/passwd").status_code == 403
+    assert httpx.get(f"{server}gradio_api/file={models_root.parent / 'tiny.pt'}").status_code == 403  # next door
 
 
 def test_compare_runs_source_and_adapted_models(client) -> None:
@@ -174,7 +198,7 @@ def test_models_are_listed_with_stage_and_miou(models_root: Path) -> None:
 
     models = discover_models(models_root)
     assert models["tiny_source"].label() == "tiny_source (source only, resnet18, mIoU 30.1)"
-    assert "mIoU on Cityscapes val: **41.2**" in models["tiny_bida"].describe()
+    assert "mIoU on the target validation set: **41.2**" in models["tiny_bida"].describe()
     (pair,) = compare_pairs(models)
     assert (pair.source.name, pair.adapted.name) == ("tiny_source", "tiny_bida")
 

@@ -85,3 +85,11 @@ def test_bad_file_shows_error_message(page, tmp_path: Path) -> None:
     toast = page.get_by_test_id("toast-text").filter(has_text="'notes.png' is not an image")
     toast.first.wait_for(state="visible")
     assert page.locator("#overlay img").count() == 0
+
+
+def test_too_large_file_shows_error_message(page, tmp_path: Path) -> None:
+    big = tmp_path / "huge.png"
+    big.write_bytes(b"\0" * 30_000_000)  # over the 25 MB upload limit
+    _upload(page, big)
+    toast = page.get_by_test_id("toast-text").filter(has_text="exceed the maximum allowed size")
+    toast.first.wait_for(state="visible")
