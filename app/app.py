@@ -46,6 +46,8 @@ MAX_FILE_SIZE = "25mb"
 MAX_IMAGE_PIXELS = 4096 * 4096
 #: Videos are cut after this many frames (with a warning), so one upload cannot hold a worker for minutes.
 MAX_VIDEO_FRAMES = 150
+#: Downloads written for a request are deleted after this long (Gradio keeps its own copies for ``delete_cache``).
+KEEP_OUTPUTS_S = 3600
 RESOLUTIONS = ("original", "model size")
 SOURCE_STAGES = ("source_only", "source")
 ADAPTED_STAGES = ("adapt", "adapted", "distill", "bida")  # not "oracle": that one saw target labels
@@ -155,6 +157,14 @@ class ComparePair:
     def key(self) -> str:
         return f"{self.benchmark}: {self.source.name} vs {self.adapted.name}"
 
+    @property
+    def source_title(self) -> str:
+        return f"Source only: {self.source.label()}"
+
+    @property
+    def adapted_title(self) -> str:
+        return f"Adapted: {self.adapted.label()}"
+
 
 def discover_models(models_root: str | Path) -> dict[str, ModelEntry]:
     """Every model directory under ``models_root`` (via ``dass_deploy.repository.list_models``), by name."""
@@ -251,7 +261,15 @@ class DemoState:
             return self._segmenters[key]
 
     def out_dir(self) -> Path:
-        """A fresh folder per request, so concurrent users never overwrite each other's downloads."""
+        """A fresh folder per request, so concurrent users never overwrite each other's downloads.
+
+        Folders older than ``KEEP_OUTPUTS_S`` go first: Gradio has copied them into its own cache by then, and a
+        long-running demo must not fill the disk.
+        """
+        cutoff = time.time() - KEEP_OUTPUTS_S
+        for old in self.work_dir.iterdir():
+            if old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
         path = self.work_dir / uuid.uuid4().hex[:12]
         path.mkdir(parents=True)
         return path
@@ -334,6 +352,7 @@ def build_demo(models_root: str | Path = "models") -> gr.Blocks:
         shown, labels, seg, _ = _run(state, _as_rgb(frame), model_name, backend, "model size")
         return visualize.overlay(shown, labels, np.asarray(seg.palette, dtype=np.uint8), alpha=float(alpha))
 
+    # ``progress`` is never called: declaring it makes Gradio mirror the pipeline's tqdm bar in the page.
     def segment_video(video, model_name, backend, alpha, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
         """Video tab: the same pipeline as ``dass-segment`` on a video; returns the rendered video and its download."""
         if video is None:
@@ -356,14 +375,23 @@ def build_demo(models_root: str | Path = "models") -> gr.Blocks:
         latency = f"**{1000 * seconds / max(frames, 1):.0f} ms/frame** on `{seg.backend_name}` · {frames} frames"
         return str(out), latency, [str(out)]
 
+    def find_pair(key: str) -> ComparePair:
+        pair = next((p for p in pairs if p.key == key), None)
+        if pair is None:
+            raise gr.Error("pick a model pair from the list.")
+        return pair
+
+    def pair_titles(key):
+        """Compare tab: the two outputs are titled with the models of the chosen pair."""
+        pair = find_pair(key)
+        return gr.Image(label=pair.source_title), gr.Image(label=pair.adapted_title)
+
     def compare(image, pair_key, backend, alpha, resolution):
         """Compare tab: the same input through the source-only and the adapted model."""
         rgb = read_upload(image)
         if rgb is None:
             return None, None, ""
-        pair = next((p for p in pairs if p.key == pair_key), None)
-        if pair is None:
-            raise gr.Error("pick a model pair from the list.")
+        pair = find_pair(pair_key)
         shown, src_labels, src_seg, src_ms = _run(state, rgb, pair.source.name, backend, resolution)
         _, ada_labels, ada_seg, ada_ms = _run(state, rgb, pair.adapted.name, backend, resolution)
         pal = np.asarray(src_seg.palette, dtype=np.uint8)
@@ -465,11 +493,16 @@ def build_demo(models_root: str | Path = "models") -> gr.Blocks:
                         pair_dd = gr.Dropdown([p.key for p in pairs], value=pairs[0].key, label="Model pair")
                     gr.Examples(examples=[[p] for p in examples], inputs=[cmp_in], label=EXAMPLES_LABEL)
                     with gr.Row():
-                        src_out = gr.Image(label=f"Source only: {pairs[0].source.label()}", interactive=False)
-                        ada_out = gr.Image(
-                            label=f"Adapted: {pairs[0].adapted.label()}", interactive=False, elem_id="compare_adapted"
-                        )
+                        src_out = gr.Image(label=pairs[0].source_title, interactive=False)
+                        ada_out = gr.Image(label=pairs[0].adapted_title, interactive=False, elem_id="compare_adapted")
                     cmp_summary = gr.Markdown()
+                pair_dd.change(
+                    pair_titles,
+                    inputs=pair_dd,
+                    outputs=[src_out, ada_out],
+                    queue=False,
+                    api_visibility="private",
+                )
                 gr.on(
                     [cmp_in.change, pair_dd.change],
                     compare,

@@ -759,8 +759,11 @@ def _export_into(
         },
         "normalization": normalization,
         "precision": precision,
-        "source_checkpoint": {"path": str(checkpoint.resolve()), "sha256": _sha256(checkpoint)},
+        "source_checkpoint": {"path": str(checkpoint), "sha256": _sha256(checkpoint)},
         "backbone": ckpt_meta.get("backbone"),
+        # what the demo needs to pair a source-only and an adapted model of the same benchmark
+        "stage": ckpt_meta.get("stage"),
+        "benchmark": ckpt_meta.get("benchmark"),
         "export": {
             "opset": OPSET,
             "max_batch_size": MAX_BATCH,

@@ -203,6 +203,18 @@ def test_models_are_listed_with_stage_and_miou(models_root: Path) -> None:
     assert (pair.source.name, pair.adapted.name) == ("tiny_source", "tiny_bida")
 
 
+def test_default_model_follows_the_repository_default(
+    models_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.app import _default_model, discover_models
+
+    monkeypatch.delenv("DASS_MODEL", raising=False)
+    models = discover_models(models_root)
+    assert _default_model(tmp_path, models) == "tiny_bida"  # no DEFAULT file: the first by name
+    (tmp_path / "DEFAULT").write_text("tiny_source\n")
+    assert _default_model(tmp_path, models) == "tiny_source"
+
+
 def test_main_reports_an_empty_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from app.app import main
 

@@ -6,6 +6,7 @@ script installs it.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,14 +34,32 @@ pytestmark = [
 ]
 
 
+def untrained_models_root(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random-init export under an honest name, without the made-up stage and mIoU of test_app's fixture
+    (the screenshot goes into the README); the ONNX folder is linked, not copied."""
+    root = tmp_path_factory.mktemp("untrained")
+    model = root / "random-init-resnet18"
+    model.mkdir()
+    (model / "1").symlink_to(exported / "tiny_source" / "1", target_is_directory=True)
+    meta = json.loads((exported / "tiny_source" / "meta.json").read_text())
+    for made_up in ("metrics", "benchmark"):
+        meta.pop(made_up, None)
+    meta.update(name=model.name, stage="untrained")
+    (model / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
 @pytest.fixture(scope="module")
 def page(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     from playwright.sync_api import sync_playwright
 
     from dass_deploy.repository import list_models
 
-    # the shipped (trained) models make a meaningful screenshot; a fresh checkout without them uses the tiny export
-    models_root = SHIPPED_MODELS if list_models(SHIPPED_MODELS) else make_models_root(tmp_path_factory.mktemp("demo"))
+    # the shipped (trained) models make a meaningful screenshot; without them, the tiny export says what it is
+    if list_models(SHIPPED_MODELS):
+        models_root = SHIPPED_MODELS
+    else:
+        models_root = untrained_models_root(make_models_root(tmp_path_factory.mktemp("demo")), tmp_path_factory)
     with running_demo(models_root) as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:

@@ -38,9 +38,11 @@ def checkpoint(tmp_path_factory) -> Path:
     from dass_train.checkpoint import checkpoint_meta_default, save_checkpoint
     from dass_train.network import deeplab_v2
 
+    path = tmp_path_factory.getbasetemp() / "r18" / "r18.pt"
+    if path.is_file():  # the fixture is imported by the other test modules: build once per session
+        return path
     torch.manual_seed(0)
     model = deeplab_v2(num_classes=19, backbone="resnet18")
-    path = tmp_path_factory.getbasetemp() / "r18" / "r18.pt"
     meta = checkpoint_meta_default(backbone="resnet18", stage="source")
     save_checkpoint(path, {"format": "dass-checkpoint", "version": 1, "model": model.state_dict(), "meta": meta})
     return path
@@ -52,6 +54,8 @@ def model_dir(checkpoint, tmp_path_factory) -> Path:
     from dass_deploy.export import export_model
 
     out = tmp_path_factory.getbasetemp() / "models"
+    if (out / "r18" / "meta.json").is_file():
+        return out / "r18"
     result = export_model(checkpoint, out=out, name="r18", height=EXPORT_SIZE[0], width=EXPORT_SIZE[1], progress=False)
     return Path(result.model_dir)
 

@@ -1,0 +1,36 @@
+# The README's two commands: `make demo` (the main job on the embedded benchmark) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+RUN    ?= runs/synth2real-demo
+
+.PHONY: setup demo test lint browser clean
+
+# torch==2.13.0 first: it is the CPU build, so pip never pulls a multi-GB CUDA build on a CPU machine.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[demo,test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Generate the synthetic benchmark, train source-only then BiDA, evaluate, export to ONNX, segment the samples.
+demo: setup
+	$(BIN)/dass-train synth2real --name $(notdir $(RUN)) --exist-ok run.out=$(dir $(RUN))
+	$(BIN)/dass-export $(RUN)/adapt/last.pt --name synth2real-demo --out $(RUN)/models --height 256 --width 512 --overwrite
+	$(BIN)/dass-segment ../shared/samples/cityscapes/street_1024x512.png app/examples --model $(RUN)/models/synth2real-demo --out $(RUN)/segment --overwrite
+
+# Debian's Chromium drives the browser test of the web demo.
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium >/dev/null)
+
+test: setup browser
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
