@@ -1,7 +1,7 @@
 """The training stages: source-only (paper's initial model), BiDA adaptation, optional self-distillation.
 
 The trainer only composes: the method lives in ``bida.py`` (Eq. 1-10), labels in ``pseudo_labels.py``, metrics in
-``evaluation.py``. One BiDA step (Eq. 11-12) is ``_adapt_losses``; everything else is engineering: DDP, AMP,
+``evaluation.py``. One BiDA step (Eq. 11-12) is ``bida_losses``; everything else is engineering: DDP, AMP,
 atomic resumable checkpoints, NaN guard, logging.
 
 Stages (``STAGES``):
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from dass_train import bida
 from dass_train.checkpoint import checkpoint_meta_default, load_checkpoint, load_init_weights, save_checkpoint
-from dass_train.config import Config
+from dass_train.config import Config, LossConfig, MethodConfig
 from dass_train.data.datasets import CityscapesDataset, GTA5Dataset, SegmentationDataset, SynthiaDataset, read_index_png
 from dass_train.data.sampling import InfiniteSampler, RareClassSampler, class_stats
 from dass_train.data.transforms import NORMALIZATIONS, EvalTransform, TrainTransform, TransformConfig, normalize
@@ -176,6 +176,71 @@ def init_model(model: DeepLabV2, cfg: Config, init_checkpoint: Path | None, log)
 
 def poly_factor(iteration: int, total: int, power: float) -> float:
     return (1.0 - min(iteration, total) / max(total, 1)) ** power
+
+
+# ------------------------------------------------------------------------------------------------------ Eq. 12
+def bida_losses(
+    logit_s: Tensor,
+    logit_t: Tensor,
+    f_s: Tensor,
+    f_t: Tensor,
+    label_s: Tensor,
+    static_t: Tensor,
+    memory: bida.PrototypeMemory,
+    method: MethodConfig,
+    weights: LossConfig,
+    distributed: bool = False,
+    target_gt: Tensor | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The weighted terms of Eq. 12 for one (source, target) batch, composed from ``bida``'s equations.
+
+    logits [N,K,h,w], features [N,C,h,w] (1/8 resolution), source labels and static target labels [N,H,W] at
+    crop resolution. Updates ``memory`` (Eq. 4-5) after using it, so the bias of Eq. 6 comes from earlier batches.
+    ``target_gt`` (evaluation only, never a loss) adds Table 4 counts: {name: (labelled, correct, valid)}.
+    """
+    logit_s, logit_t, f_s, f_t = logit_s.float(), logit_t.float(), f_s.float(), f_t.float()
+    size = f_s.shape[2:]
+    y_s = bida.downsample_labels(label_s, size)
+    y_f = bida.downsample_labels(static_t, size)  # static labels y_F (CBST)
+
+    rho_s, pres_s = bida.class_prototypes(f_s, y_s, NUM_CLASSES, distributed=distributed)  # Eq. 1
+    if weights.detach_prototypes:
+        rho_s = rho_s.detach()
+    dyn_raw = dyn_cal = None
+    if method.dynamic_labels == "uncalibrated" or target_gt is not None:
+        dyn_raw = bida.dynamic_pseudo_labels(f_t, rho_s, pres_s, method.dynamic_threshold)  # Eq. 8-9 on rho_S
+    if method.dynamic_labels == "calibrated" or target_gt is not None:
+        rho_cal = memory.calibrate(rho_s.detach())  # Eq. 6-7
+        dyn_cal = bida.dynamic_pseudo_labels(f_t, rho_cal, pres_s, method.dynamic_threshold)  # Eq. 8-9
+    y_d = {"off": None, "uncalibrated": dyn_raw, "calibrated": dyn_cal}[method.dynamic_labels]
+    y_t = y_f if y_d is None else bida.hybrid_pseudo_labels(y_d, y_f)  # Eq. 10
+    rho_t, pres_t = bida.class_prototypes(f_t, y_t, NUM_CLASSES, distributed=distributed)  # Eq. 1
+    if weights.detach_prototypes:
+        rho_t = rho_t.detach()
+    memory.update(rho_s, pres_s, rho_t, pres_t)  # Eq. 4-5
+
+    losses = {  # Eq. 11
+        "seg_s": weights.seg_source * bida.segmentation_loss(logit_s, label_s),
+        "seg_t": weights.seg_target * bida.segmentation_loss(logit_t, static_t),
+        "ent_s": weights.ent_source * bida.entropy_loss(logit_s),
+        "ent_t": weights.ent_target * bida.entropy_loss(logit_t),
+    }
+    if method.use_fcl:
+        losses["fcl"] = weights.fcl * bida.contrastive_loss(f_t, y_t, rho_s, pres_s, weights.tau)  # Eq. 2
+    if method.use_bcl:
+        losses["bcl"] = weights.bcl * bida.contrastive_loss(f_s, y_s, rho_t, pres_t, weights.tau)  # Eq. 3
+    counts: dict[str, Tensor] = {}
+    if target_gt is not None:
+        gt = bida.downsample_labels(target_gt, size)
+        labels = {
+            "static": y_f,
+            "dyn_raw": dyn_raw,
+            "dyn_cal": dyn_cal,
+            "hybrid": bida.hybrid_pseudo_labels(dyn_cal, y_f),
+        }
+        for key, lab in labels.items():
+            counts[key] = torch.tensor(bida.pseudo_label_counts(lab, gt), dtype=torch.float64)
+    return losses, counts
 
 
 # ------------------------------------------------------------------------------------------------------ trainer
@@ -434,49 +499,23 @@ class Trainer:
         return {"seg": bida.segmentation_loss(logits.float(), batch["label"])}
 
     def _adapt_losses(self, src: dict, tgt: dict) -> dict[str, Tensor]:
-        """Eq. 1-12 for one (source, target) batch pair; the statistics of Table 4 ride along."""
-        method, w = self.cfg.method, self.cfg.loss
         n = src["image"].shape[0]
         logits, feats = self._forward(torch.cat([src["image"], tgt["image"]]))
-        logits, feats = logits.float(), feats.float()
-        logit_s, logit_t, f_s, f_t = logits[:n], logits[n:], feats[:n], feats[n:]
-        size = f_s.shape[2:]
-        y_s = bida.downsample_labels(src["label"], size)
-        y_f = bida.downsample_labels(tgt["label"], size)  # static labels (CBST)
-
-        rho_s, pres_s = bida.class_prototypes(f_s, y_s, NUM_CLASSES, distributed=self.dist.enabled)  # Eq. 1
-        if w.detach_prototypes:
-            rho_s = rho_s.detach()
-        dyn_raw = bida.dynamic_pseudo_labels(f_t, rho_s, pres_s, method.dynamic_threshold)  # Eq. 8-9, no Eq. 7
-        dyn_cal = bida.dynamic_pseudo_labels(
-            f_t, self.memory.calibrate(rho_s.detach()), pres_s, method.dynamic_threshold
-        )  # Eq. 6-9
-        y_d = {"off": None, "uncalibrated": dyn_raw, "calibrated": dyn_cal}[method.dynamic_labels]
-        y_t = y_f if y_d is None else bida.hybrid_pseudo_labels(y_d, y_f)  # Eq. 10
-        rho_t, pres_t = bida.class_prototypes(f_t, y_t, NUM_CLASSES, distributed=self.dist.enabled)  # Eq. 1
-        if w.detach_prototypes:
-            rho_t = rho_t.detach()
-        self.memory.update(rho_s, pres_s, rho_t, pres_t)  # Eq. 4-5, after use: the bias is from earlier batches
-
-        losses = {
-            "seg_s": w.seg_source * bida.segmentation_loss(logit_s, src["label"]),
-            "seg_t": w.seg_target * bida.segmentation_loss(logit_t, tgt["label"]),
-            "ent_s": w.ent_source * bida.entropy_loss(logit_s),
-            "ent_t": w.ent_target * bida.entropy_loss(logit_t),
-        }
-        if method.use_fcl:
-            losses["fcl"] = w.fcl * bida.contrastive_loss(f_t, y_t, rho_s, pres_s, w.tau)  # Eq. 2
-        if method.use_bcl:
-            losses["bcl"] = w.bcl * bida.contrastive_loss(f_s, y_s, rho_t, pres_t, w.tau)  # Eq. 3
-        if "gt" in tgt:
-            gt = bida.downsample_labels(tgt["gt"], size)
-            for key, lab in (
-                ("static", y_f),
-                ("dyn_raw", dyn_raw),
-                ("dyn_cal", dyn_cal),
-                ("hybrid", bida.hybrid_pseudo_labels(dyn_cal, y_f)),
-            ):
-                self.label_stats[key] += torch.tensor(bida.pseudo_label_counts(lab, gt), dtype=torch.float64)
+        losses, counts = bida_losses(
+            logits[:n],
+            logits[n:],
+            feats[:n],
+            feats[n:],
+            src["label"],
+            tgt["label"],
+            self.memory,
+            self.cfg.method,
+            self.cfg.loss,
+            distributed=self.dist.enabled,
+            target_gt=tgt.get("gt"),
+        )
+        for key, value in counts.items():
+            self.label_stats[key] += value
         return losses
 
     def _distill_losses(self, src: dict, tgt: dict) -> dict[str, Tensor]:

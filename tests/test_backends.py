@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,53 +10,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import EXPORT_SIZE, SAMPLES, subprocess_env
 
 from dass_deploy.errors import DeployError
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = Path("/work/shared/samples/cityscapes")
 SAMPLE_IMAGES = [SAMPLES / "frankfurt_000000_000294_leftImg8bit.png", SAMPLES / "street_1024x512.png"]
-EXPORT_SIZE = (128, 256)
-
-
-def subprocess_env() -> dict[str, str]:
-    """The repo importable in child processes, whether or not the package is installed."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
 
 
 def read_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    """A random-init DeepLab-V2 ResNet-18 saved with the real ``save_checkpoint`` (seeded: runs agree)."""
-    torch = pytest.importorskip("torch")
-    from dass_train.checkpoint import checkpoint_meta_default, save_checkpoint
-    from dass_train.network import deeplab_v2
-
-    path = tmp_path_factory.getbasetemp() / "r18" / "r18.pt"
-    if path.is_file():  # the fixture is imported by the other test modules: build once per session
-        return path
-    torch.manual_seed(0)
-    model = deeplab_v2(num_classes=19, backbone="resnet18")
-    meta = checkpoint_meta_default(backbone="resnet18", stage="source")
-    save_checkpoint(path, {"format": "dass-checkpoint", "version": 1, "model": model.state_dict(), "meta": meta})
-    return path
-
-
-@pytest.fixture(scope="session")
-def model_dir(checkpoint, tmp_path_factory) -> Path:
-    """``models/r18`` exported with the real ``export_model`` at 128x256 (fixed size, uint8 labels)."""
-    from dass_deploy.export import export_model
-
-    out = tmp_path_factory.getbasetemp() / "models"
-    if (out / "r18" / "meta.json").is_file():
-        return out / "r18"
-    result = export_model(checkpoint, out=out, name="r18", height=EXPORT_SIZE[0], width=EXPORT_SIZE[1], progress=False)
-    return Path(result.model_dir)
 
 
 def test_import_without_torch(model_dir):

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLES  # noqa: E402
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -28,7 +29,6 @@ from dass_train.data.transforms import (
 from dass_train.errors import DataError
 from dass_train.labels import LABELS, label_ids_to_train_ids, synthia_ids_to_train_ids
 
-SAMPLES = Path("/work/shared/samples/cityscapes")
 FRAME = "frankfurt_000000_000294"
 
 # Cityscapes colour of every labelId: GTA5 ships its labels as palette PNGs with exactly this palette.

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLES  # noqa: E402
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
@@ -24,7 +25,6 @@ from dass_train.labels import (
 )
 from dass_train.metrics import confusion_matrix, format_table, scores
 
-SAMPLES = Path("/work/shared/samples/cityscapes")
 FRAME = "frankfurt_000000_000294"
 TRAIN = 16  # trainId "train": kept out of every ground truth and prediction below, so its IoU is nan
 

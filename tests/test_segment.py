@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from test_backends import SAMPLES, checkpoint, model_dir  # noqa: F401  (session fixtures)
+from conftest import SAMPLES
 
 from dass_deploy.cli import segment_main
 from dass_train.labels import LABEL_ID_TO_TRAIN_ID, TRAIN_ID_TO_LABEL_ID

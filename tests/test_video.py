@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from test_backends import SAMPLES, checkpoint, model_dir, subprocess_env  # noqa: F401  (session fixtures)
+from conftest import SAMPLES, subprocess_env
 
 from dass_deploy.cli import segment_main
 

@@ -1,0 +1,53 @@
+"""Shared test fixtures: the real sample images, a real checkpoint and a real exported model directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+#: ``../shared/samples/cityscapes`` beside the checkout (CI lays shared/ there too); DASS_SAMPLES overrides.
+SAMPLES = Path(os.environ.get("DASS_SAMPLES", REPO.parent / "shared" / "samples" / "cityscapes"))
+EXPORT_SIZE = (128, 256)
+
+
+def subprocess_env() -> dict[str, str]:
+    """The repo importable in child processes, whether or not the package is installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    if not (SAMPLES / "street_1024x512.png").is_file():
+        pytest.fail(f"sample images not found in {SAMPLES} (set DASS_SAMPLES)")
+    return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random-init DeepLab-V2 ResNet-18 saved with the real ``save_checkpoint`` (seeded: runs agree)."""
+    import torch
+
+    from dass_train.checkpoint import checkpoint_meta_default, save_checkpoint
+    from dass_train.network import deeplab_v2
+
+    path = tmp_path_factory.mktemp("r18") / "r18.pt"
+    torch.manual_seed(0)
+    model = deeplab_v2(num_classes=19, backbone="resnet18")
+    meta = checkpoint_meta_default(backbone="resnet18", stage="source")
+    save_checkpoint(path, {"format": "dass-checkpoint", "version": 1, "model": model.state_dict(), "meta": meta})
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(checkpoint, tmp_path_factory) -> Path:
+    """``models/r18`` exported with the real ``export_model`` at 128x256 (fixed size, uint8 labels)."""
+    from dass_deploy.export import export_model
+
+    out = tmp_path_factory.mktemp("models")
+    result = export_model(checkpoint, out=out, name="r18", height=EXPORT_SIZE[0], width=EXPORT_SIZE[1], progress=False)
+    return Path(result.model_dir)
