@@ -227,6 +227,9 @@ def apply(cfg: Any, values: dict[str, Any], prefix: str = "") -> None:
             setattr(cfg, key, _coerce(value, hints[key], where))
 
 
+_YAML11_WORDS = {"on", "off", "yes", "no", "y", "n"}
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["optim.lr=1e-4", "data.crop=512,512"]`` -> nested dict (values parsed as YAML scalars)."""
     out: dict[str, Any] = {}
@@ -234,10 +237,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form section.key=value")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        if raw.strip().lower() in _YAML11_WORDS:
+            value: Any = raw.strip()  # "run.amp=off" means the string "off", not YAML 1.1's False
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                value = raw
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -561,7 +561,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
             self.log(
-                f"iteration {self.iteration}: non-finite loss ({float(total):.4g}), step skipped "
+                f"iteration {self.iteration}: non-finite loss ({float(total.detach()):.4g}), step skipped "
                 f"({self.bad_steps}/{self.cfg.run.max_bad_steps})"
             )
             if self.bad_steps >= self.cfg.run.max_bad_steps:
@@ -673,10 +673,30 @@ class Trainer:
             for name, iou in zip(CLASS_NAMES, metrics["iou"], strict=True):
                 if not math.isnan(iou):
                     self.writer.add_scalar(f"val_iou/{name}", iou, self.iteration)
+        if self.writer:
+            self._log_predictions()
         if miou > self.best_miou:
             self.best_miou = miou
             self.save("best.pt", metrics)
         return metrics
+
+    @torch.no_grad()
+    def _log_predictions(self, count: int = 2) -> None:
+        """Image | prediction | ground truth of the first val images, in the Cityscapes palette, to TensorBoard."""
+        from dass_train.labels import colorize
+
+        ds = eval_dataset(self.cfg, self.normalization)
+        ds.keep_raw = True
+        self.model.eval()
+        for i in range(min(count, len(ds))):
+            item = ds[i]
+            logits = self.model(item["image"][None].to(self.device))
+            size = item["raw"].shape[:2]
+            pred = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False).argmax(1)[0]
+            label = F.interpolate(item["label"][None, None].float(), size=size, mode="nearest")[0, 0]
+            panel = np.concatenate([item["raw"], colorize(pred.cpu().numpy()), colorize(label.long().numpy())], axis=1)
+            self.writer.add_image(f"val/prediction_{i}", panel, self.iteration, dataformats="HWC")
+        self.model.train()
 
     def _log_window(self, window: dict[str, list[float]], bar) -> None:
         if not window:

@@ -170,3 +170,17 @@ def test_two_process_gloo_ddp(synth_root, tmp_path):
     # each rank consumed batch/world = 1 sample per step from the shared stream
     assert ckpt["samplers"]["source"]["world_size"] == 2 and ckpt["samplers"]["source"]["position"] == 4
     assert proc.stdout.count("Summary of") == 1  # rank 0 alone reports
+
+
+def test_eval_command_and_tensorboard_logs(synth_root, tmp_path, capsys):
+    args = tiny(synth_root, tmp_path, run__tensorboard="true", run__val_every=2)
+    assert train_main(["synth2real", "--name", "tb", "--stage", "source_only", *args]) == 0
+    events = list((tmp_path / "tb" / "source_only" / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 1000  # scalars and prediction images were written
+    capsys.readouterr()
+    ckpt = tmp_path / "tb" / "source_only" / "last.pt"
+    assert train_main(["eval", "--checkpoint", str(ckpt), "--preset", "synth2real", "--flip", *args]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "on 4 images" in out
+    assert train_main(["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--preset", "synth2real", *args]) == 2
+    assert "missing.pt" in capsys.readouterr().err

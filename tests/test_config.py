@@ -1,0 +1,70 @@
+"""Typed config: presets, overrides, validation, the resolved config round trip."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from dass_train.config import available_presets, build_config, config_from_dict, save_config
+from dass_train.errors import ConfigError
+
+
+def test_presets_follow_the_paper_recipe():
+    assert {"gta2city", "synthia2city", "synth2real"} <= set(available_presets())
+    cfg = build_config("gta2city")
+    assert cfg.model.backbone == "resnet101" and cfg.model.freeze_bn and cfg.model.normalization == "caffe"
+    assert cfg.optim.lr == 7.5e-5 and cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 5e-4
+    assert cfg.optim.batch_size == 4 and cfg.stages.adapt_iters == 100000 and cfg.method.refresh_every == 10000
+    assert cfg.data.crop == (730, 730) and cfg.data.scale == (0.8, 1.2) and cfg.data.resize_short == 850
+    assert (cfg.loss.seg_target, cfg.loss.ent_source, cfg.loss.fcl, cfg.loss.bcl, cfg.loss.tau) == (
+        0.3,
+        0.4,
+        0.1,
+        0.1,
+        0.1,
+    )
+    assert build_config("synthia2city").method.excluded_classes == (9, 14, 16)
+
+
+def test_overrides_are_typed():
+    cfg = build_config(
+        "synth2real",
+        [
+            "optim.lr=1e-3",
+            "data.crop=320,160",
+            "model.init=null",
+            "run.amp=off",
+            "method.use_bcl=false",
+            "data.rare_class_temperature=none",
+        ],
+    )
+    assert cfg.optim.lr == 1e-3 and cfg.data.crop == (320, 160) and cfg.model.init is None
+    assert cfg.method.use_bcl is False and cfg.data.rare_class_temperature is None and cfg.run.amp == "off"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "unknown option 'optim.lrr'"),
+        ("optim.lr=fast", "optim.lr"),
+        ("data.crop=1,2,3", "data.crop"),
+        ("model.backbone=vgg16", "model.backbone"),
+        ("optim=3", "'optim' is a section"),
+        ("nokey", "not of the form"),
+    ],
+)
+def test_bad_overrides_name_the_option(override, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config("synth2real", [override])
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'gta3city'"):
+        build_config("gta3city")
+
+
+def test_resolved_config_round_trip(tmp_path):
+    cfg = build_config("synthia2city", ["stages.adapt_iters=123"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert again == cfg and again.stages.adapt_iters == 123
