@@ -52,6 +52,9 @@ class ModelConfig:
     backbone: str = "resnet101"  # resnet101 | resnet50 | resnet18
     feature: str = "aspp"  # pixel features of the contrastive loss: aspp (4K channels) | layer4
     freeze_bn: bool = True
+    # Trainable BN only (models trained from scratch): normalise source and target batches separately and keep the
+    # target's running statistics for inference (AdaBN / domain-specific BN). Frozen BN (the paper) ignores it.
+    domain_bn: bool = False
     init: str | None = "weights/DeepLab_resnet_pretrained_init-f81d91e8.pth"  # ImageNet / COCO init; None = random
     normalization: str = "caffe"  # caffe (BGR, mean only) | imagenet (RGB, mean/std)
 

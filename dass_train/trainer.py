@@ -178,6 +178,23 @@ def poly_factor(iteration: int, total: int, power: float) -> float:
     return (1.0 - min(iteration, total) / max(total, 1)) ** power
 
 
+class bn_statistics_frozen:
+    """Within the block, trainable BN normalises with batch statistics but leaves its running statistics alone
+    (momentum 0), so a source batch does not pull the target's running statistics."""
+
+    def __init__(self, model: nn.Module):
+        self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+
+    def __enter__(self) -> None:
+        self.saved = [m.momentum for m in self.bns]
+        for m in self.bns:
+            m.momentum = 0.0
+
+    def __exit__(self, *exc: object) -> None:
+        for m, momentum in zip(self.bns, self.saved, strict=True):
+            m.momentum = momentum
+
+
 # ------------------------------------------------------------------------------------------------------ Eq. 12
 def bida_losses(
     logit_s: Tensor,
@@ -479,6 +496,31 @@ class Trainer:
         )
         self._point_target_labels(directory)
 
+    @torch.no_grad()
+    def _target_bn_statistics(self, max_images: int = 256) -> None:
+        """Domain BN starts from the target's own statistics (AdaBN): a pass over target-train images in train
+        mode with a cumulative average, before the first static labels are predicted."""
+        tf = EvalTransform(TransformConfig(eval_size=tuple(self.cfg.data.eval_size)), self.normalization)
+        ds = target_dataset(self.cfg, "train", tf, with_labels=False, seed=self.cfg.run.seed + 1)
+        mine = list(range(self.dist.rank, min(len(ds), max_images), self.dist.world_size))
+        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average over the pass
+        self.model.train()
+        batch = self._per_rank_batch()
+        for i in range(0, len(mine), batch):
+            self.model(torch.stack([ds[j]["image"] for j in mine[i : i + batch]]).to(self.device))
+        for m, momentum in zip(bns, saved, strict=True):
+            m.momentum = momentum
+            if self.dist.enabled:
+                torch.distributed.all_reduce(m.running_mean)
+                torch.distributed.all_reduce(m.running_var)
+                m.running_mean /= self.dist.world_size
+                m.running_var /= self.dist.world_size
+        self.log(f"target BN statistics from {len(mine)} target-train images (domain_bn)")
+
     def _point_target_labels(self, directory: Path) -> None:
         ds = self.target.dataset
         ds.label_dir = directory
@@ -493,6 +535,18 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             return self.ddp_model(x, return_features=True)
+
+    def _forward_pair(self, xs: Tensor, xt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Source and target through the network: one concatenated batch, or with ``model.domain_bn`` two batches,
+        each normalised by its own statistics, the running statistics following the target only."""
+        n = xs.shape[0]
+        if self.cfg.model.domain_bn and not self.cfg.model.freeze_bn:
+            with bn_statistics_frozen(self.model):
+                logit_s, f_s = self._forward(xs)
+            logit_t, f_t = self._forward(xt)
+            return logit_s, logit_t, f_s, f_t
+        logits, feats = self._forward(torch.cat([xs, xt]))
+        return logits[:n], logits[n:], feats[:n], feats[n:]
 
     def _supervised_losses(self, batch: dict) -> dict[str, Tensor]:
         logits, _ = self._forward(batch["image"])
@@ -520,17 +574,15 @@ class Trainer:
 
     def _distill_losses(self, src: dict, tgt: dict) -> dict[str, Tensor]:
         """Self-distillation: KL to the adapted teacher's softmax on target crops, cross-entropy on source."""
-        n = src["image"].shape[0]
-        logits, _ = self._forward(torch.cat([src["image"], tgt["image"]]))
-        logits = logits.float()
+        logit_s, logit_t, _, _ = self._forward_pair(src["image"], tgt["image"])
         with (
             torch.no_grad(),
             torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None),
         ):
             teacher = self.teacher(tgt["image"]).float()
-        log_p = F.log_softmax(logits[n:], dim=1)
+        log_p = F.log_softmax(logit_t.float(), dim=1)
         kl = F.kl_div(log_p, F.log_softmax(teacher, dim=1), log_target=True, reduction="none").sum(1).mean()
-        return {"seg_s": self.cfg.loss.seg_source * bida.segmentation_loss(logits[:n], src["label"]), "kd": kl}
+        return {"seg_s": self.cfg.loss.seg_source * bida.segmentation_loss(logit_s.float(), src["label"]), "kd": kl}
 
     def _losses(self) -> dict[str, Tensor]:
         if self.stage == "source_only":
@@ -616,6 +668,8 @@ class Trainer:
             self.writer = SummaryWriter(str(self.stage_dir / "tb"))
         if self.stage == "adapt":
             if self.pseudo_round < 0:
+                if self.cfg.model.domain_bn and not self.cfg.model.freeze_bn:
+                    self._target_bn_statistics()
                 self._refresh_static_labels()
             else:
                 self._point_target_labels(self._current_pseudo_dir())
