@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="(eval) preset whose target val set and protocol to use")
     p.add_argument("--flip", action="store_true", help="(eval) horizontal-flip test-time augmentation")
     p.add_argument("--scales", default="1.0", help="(eval) comma-separated test scales, e.g. 0.75,1.0,1.25")
+    p.add_argument(
+        "--target-bn",
+        action="store_true",
+        help="(eval) re-estimate trainable BN statistics on target-train images first (AdaBN)",
+    )
     p.add_argument("--out", default=None, help="(synthesize) output folder (default data.synthetic_root)")
     p.add_argument(
         "--max-iters",
@@ -193,7 +198,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
         raise UserError("eval needs --checkpoint CKPT")
     cfg = build_config(args.preset or "gta2city", args.overrides)
     info = distributed.setup(cfg.run.device)
-    model, meta, report = load_model(args.checkpoint)
+    model, meta, report = load_model(args.checkpoint, freeze_bn=not args.target_bn)
     for line in report:
         print(f"  {line}")
     model = model.to(info.device)
@@ -203,6 +208,14 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
     except ValueError:
         raise UserError(f"--scales {args.scales!r}: expected comma-separated numbers") from None
     ds = eval_dataset(cfg, meta["normalization"])
+    if args.target_bn:
+        from dass_train.trainer import target_bn_statistics, target_dataset
+
+        n = target_bn_statistics(
+            model, target_dataset(cfg, "train", ds.transforms, with_labels=False), 8, info.device, info
+        )
+        model.eval()
+        print(f"  BN statistics re-estimated on {n} target-train images (AdaBN)")
     with torch.no_grad():
         result = run_evaluation(model, ds, cfg, info.device, info, flip=args.flip, scales=scales)
     if info.is_main:

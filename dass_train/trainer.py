@@ -178,6 +178,36 @@ def poly_factor(iteration: int, total: int, power: float) -> float:
     return (1.0 - min(iteration, total) / max(total, 1)) ** power
 
 
+@torch.no_grad()
+def target_bn_statistics(
+    model: nn.Module, dataset: Dataset, batch: int, device: torch.device, dist_info: DistInfo, max_images: int = 256
+) -> int:
+    """AdaBN: set trainable BN running statistics to their average over (eval-size) target images.
+
+    Running statistics updated with momentum during training follow random crops; inference sees whole frames, so
+    domain BN re-estimates them in one cumulative pass (at the start of adaptation, at each static-label refresh
+    and at the end). Averaged over DDP ranks. Returns the number of images this rank used.
+    """
+    mine = list(range(dist_info.rank, min(len(dataset), max_images), dist_info.world_size))
+    was = model.training
+    model.train()  # frozen BN layers stay in eval mode (DeepLabV2.train) and are left alone
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the pass
+    for i in range(0, len(mine), batch):
+        model(torch.stack([dataset[j]["image"] for j in mine[i : i + batch]]).to(device))
+    for m, momentum in zip(bns, saved, strict=True):
+        m.momentum = momentum
+        if dist_info.enabled:
+            for buf in (m.running_mean, m.running_var):
+                torch.distributed.all_reduce(buf)
+                buf /= dist_info.world_size
+    model.train(was)
+    return len(mine)
+
+
 class bn_statistics_frozen:
     """Within the block, trainable BN normalises with batch statistics but leaves its running statistics alone
     (momentum 0), so a source batch does not pull the target's running statistics."""
@@ -473,6 +503,8 @@ class Trainer:
 
     # ---- static pseudo labels ------------------------------------------------------------------------------
     def _refresh_static_labels(self) -> None:
+        if self._domain_bn():
+            self._target_bn_statistics()
         self.pseudo_round += 1
         directory = self.stage_dir / "pseudo" / f"round_{self.pseudo_round:02d}"
         tf = EvalTransform(TransformConfig(eval_size=tuple(self.cfg.data.eval_size)), self.normalization)
@@ -496,30 +528,11 @@ class Trainer:
         )
         self._point_target_labels(directory)
 
-    @torch.no_grad()
-    def _target_bn_statistics(self, max_images: int = 256) -> None:
-        """Domain BN starts from the target's own statistics (AdaBN): a pass over target-train images in train
-        mode with a cumulative average, before the first static labels are predicted."""
+    def _target_bn_statistics(self) -> None:
         tf = EvalTransform(TransformConfig(eval_size=tuple(self.cfg.data.eval_size)), self.normalization)
         ds = target_dataset(self.cfg, "train", tf, with_labels=False, seed=self.cfg.run.seed + 1)
-        mine = list(range(self.dist.rank, min(len(ds), max_images), self.dist.world_size))
-        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        saved = [m.momentum for m in bns]
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average over the pass
-        self.model.train()
-        batch = self._per_rank_batch()
-        for i in range(0, len(mine), batch):
-            self.model(torch.stack([ds[j]["image"] for j in mine[i : i + batch]]).to(self.device))
-        for m, momentum in zip(bns, saved, strict=True):
-            m.momentum = momentum
-            if self.dist.enabled:
-                torch.distributed.all_reduce(m.running_mean)
-                torch.distributed.all_reduce(m.running_var)
-                m.running_mean /= self.dist.world_size
-                m.running_var /= self.dist.world_size
-        self.log(f"target BN statistics from {len(mine)} target-train images (domain_bn)")
+        n = target_bn_statistics(self.model, ds, self._per_rank_batch(), self.device, self.dist)
+        self.log(f"target BN statistics re-estimated on {n} target-train images (domain_bn)")
 
     def _point_target_labels(self, directory: Path) -> None:
         ds = self.target.dataset
@@ -536,11 +549,14 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             return self.ddp_model(x, return_features=True)
 
+    def _domain_bn(self) -> bool:
+        return self.cfg.model.domain_bn and not self.cfg.model.freeze_bn
+
     def _forward_pair(self, xs: Tensor, xt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Source and target through the network: one concatenated batch, or with ``model.domain_bn`` two batches,
         each normalised by its own statistics, the running statistics following the target only."""
         n = xs.shape[0]
-        if self.cfg.model.domain_bn and not self.cfg.model.freeze_bn:
+        if self._domain_bn():
             with bn_statistics_frozen(self.model):
                 logit_s, f_s = self._forward(xs)
             logit_t, f_t = self._forward(xt)
@@ -668,8 +684,6 @@ class Trainer:
             self.writer = SummaryWriter(str(self.stage_dir / "tb"))
         if self.stage == "adapt":
             if self.pseudo_round < 0:
-                if self.cfg.model.domain_bn and not self.cfg.model.freeze_bn:
-                    self._target_bn_statistics()
                 self._refresh_static_labels()
             else:
                 self._point_target_labels(self._current_pseudo_dir())
@@ -710,6 +724,8 @@ class Trainer:
             if cfg.ckpt_every and self.iteration % cfg.ckpt_every == 0:
                 self.save("last.pt")
         bar.close()
+        if self.stage in ("adapt", "distill") and self._domain_bn():
+            self._target_bn_statistics()
         metrics = self._validate_and_keep_best()
         self.save("last.pt", metrics)
         if self.writer:
