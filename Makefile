@@ -19,8 +19,8 @@ setup: $(VENV)/.installed
 # Generate the synthetic benchmark, train source-only then BiDA, evaluate, export to ONNX, segment the samples.
 demo: setup
 	$(BIN)/dass-train synth2real --name $(notdir $(RUN)) --exist-ok run.out=$(dir $(RUN))
-	$(BIN)/dass-export $(RUN)/adapt/last.pt --name synth2real-demo --out $(RUN)/models --height 256 --width 512 --overwrite
-	$(BIN)/dass-segment ../shared/samples/cityscapes/street_1024x512.png app/examples --model $(RUN)/models/synth2real-demo --out $(RUN)/segment --overwrite
+	$(BIN)/dass-export $(RUN)/adapt/last.pt --name synth2real-demo --out $(RUN)/models --height 128 --width 256 --overwrite
+	$(BIN)/dass-segment app/examples/*.png --model $(RUN)/models/synth2real-demo --out $(RUN)/segment --overwrite --legend
 
 # Debian's Chromium drives the browser test of the web demo.
 browser:
