@@ -227,14 +227,15 @@ CSS = """
 """
 
 INTRO = (
-    "This demo segments street scenes into the 19 Cityscapes classes with a DeepLab-v2 network trained by "
-    "**BiDA** (Bi-directional Contrastive Learning for Domain Adaptive Semantic Segmentation, ECCV 2022). "
-    "The network learned from *labelled synthetic* street scenes and was then adapted to *real* photos without "
-    "any of their labels: BiDA pulls the pixel features of each class in target images towards the source "
-    "prototype of that class and source pixels towards target prototypes (bi-directional pixel-prototype "
-    "contrastive learning), using dynamic pseudo labels transferred from the prototypes. Upload a photo or a short "
-    "video, use the webcam, or click an example. It runs on CPU through `dass_deploy`, the same runtime as the "
-    "`dass-segment` CLI."
+    "This demo segments street scenes into the 19 Cityscapes classes with DeepLab-V2 networks trained by "
+    "**BiDA** (Bi-directional Contrastive Learning for Domain Adaptive Semantic Segmentation, ECCV 2022): a model "
+    "learns from a *labelled* source domain and is adapted to an *unlabelled* target domain by pulling target pixel "
+    "features towards the source prototype of their class and source pixels towards target prototypes, with "
+    "dynamic pseudo labels transferred from the prototypes. The shipped models come from the package's embedded "
+    "synthetic benchmark (game-like source scenes -> camera-like target scenes, no real data involved), so they "
+    "segment the synthetic target-style examples; real photos need a model trained with `dass-train gta2city`. "
+    "Upload an image or a short video, use the webcam, or click an example. It runs on CPU through `dass_deploy`, "
+    "the same runtime as the `dass-segment` CLI."
 )
 
 

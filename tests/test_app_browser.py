@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
-from test_app import ROOT, STREET, make_models_root, running_demo
+from test_app import ROOT, make_models_root, running_demo
+
+SYNTHETIC = ROOT / "app" / "examples" / "synthetic_target_1.png"
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -77,12 +79,12 @@ def _upload(page, path: Path) -> None:
 
 
 def test_upload_shows_overlay_and_screenshot(page) -> None:
-    _upload(page, STREET)
+    _upload(page, SYNTHETIC)  # a target-style scene: what the shipped synthetic-benchmark models are for
     overlay = page.locator("#overlay img")
     overlay.wait_for(state="visible")
     page.locator("#latency").get_by_text(" ms on ", exact=False).wait_for(state="visible")
     expect(page.locator("#shares")).to_contain_text(re.compile(r"\d\.\d"))  # a share row under the header
-    assert overlay.evaluate("img => img.naturalWidth") == 1024
+    assert overlay.evaluate("img => img.naturalWidth") == 512
     assert page.get_by_text("Loaded model:").is_visible()
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
