@@ -58,11 +58,13 @@ def history(ckpt: Path) -> list[dict]:
 
 
 def test_all_stages_write_checkpoints_config_and_summary(synth_root, tmp_path):
-    assert train_main(["synth2real", "--name", "full", *tiny(synth_root, tmp_path)]) == 0
+    assert train_main(["synth2real", "--name", "full", *tiny(synth_root, tmp_path, stages__distill_iters=2)]) == 0
     run = tmp_path / "full"
     assert (run / "config.yaml").is_file()
     summary = json.loads((run / "summary.json").read_text())
-    assert set(summary["stages"]) == {"source_only", "adapt"}
+    assert set(summary["stages"]) == {"source_only", "adapt", "distill"}
+    distill = load_checkpoint(run / "distill" / "last.pt")
+    assert distill["iteration"] == 2 and all("kd" in row and "seg_s" in row for row in distill["history"])
     adapt = load_checkpoint(run / "adapt" / "last.pt")
     assert adapt["iteration"] == 6 and adapt["meta"]["stage"] == "adapt"
     # the static labels were regenerated at iteration 4 (refresh_every), so two rounds exist
