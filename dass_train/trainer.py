@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -37,7 +38,7 @@ from dass_train.data.transforms import NORMALIZATIONS, EvalTransform, TrainTrans
 from dass_train.distributed import DistInfo, all_reduce_sum, barrier
 from dass_train.errors import CheckpointError, ConfigError, UserError
 from dass_train.evaluation import evaluate
-from dass_train.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, SYNTHIA_13, SYNTHIA_16
+from dass_train.labels import CLASS_NAMES, NUM_CLASSES, SYNTHIA_13, SYNTHIA_16
 from dass_train.network import DeepLabV2, deeplab_v2
 from dass_train.pseudo_labels import generate_static_labels, label_path
 
@@ -818,8 +819,6 @@ class _SizedTarget(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         item = self.base[i]
-        from PIL import Image
-
         with Image.open(self.base.image_files[i]) as im:
             item["full_size"] = im.size
         return item
@@ -880,4 +879,12 @@ def _plain_value(value):
     return value
 
 
-__all__ = ["STAGES", "StageResult", "Trainer", "TrainingDiverged", "IGNORE_INDEX", "run_evaluation"]
+__all__ = [
+    "STAGES",
+    "StageResult",
+    "Trainer",
+    "TrainingDiverged",
+    "bida_losses",
+    "run_evaluation",
+    "target_bn_statistics",
+]
