@@ -26,6 +26,7 @@ of labelIds) and Cityscapes (``leftImg8bit`` / ``gtFine_labelIds``).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import time
@@ -1086,7 +1087,10 @@ def generate(root: str | Path, cfg: SyntheticConfig, progress: bool = True, work
             if bar is not None:
                 bar.update(1)
     else:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+        # spawn, not fork: forking a process whose torch / OpenMP threads are running can deadlock the children
+        with ProcessPoolExecutor(
+            max_workers=workers, initializer=_init_worker, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
             for _ in pool.map(_write_one, jobs, chunksize=8):
                 if bar is not None:
                     bar.update(1)
