@@ -230,16 +230,12 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
 
 
 def synthesize(args: argparse.Namespace) -> int:
-    from dass_train.data.synthetic import SyntheticConfig, generate
+    from dass_train.data.synthetic import generate
+    from dass_train.trainer import synthetic_settings
 
     cfg = build_config("synth2real", args.overrides)
-    w, h = cfg.data.synthetic_size
-    n_src, n_tt, n_tv = cfg.data.synthetic_counts
     out = Path(args.out or cfg.data.synthetic_root)
-    summary = generate(
-        out,
-        SyntheticConfig(width=w, height=h, n_source=n_src, n_target_train=n_tt, n_target_val=n_tv, seed=cfg.run.seed),
-    )
+    summary = generate(out, synthetic_settings(cfg))
     print(f"wrote the synthetic benchmark to {out}: {json.dumps(summary, default=str)}")
     return 0
 

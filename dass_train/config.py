@@ -34,6 +34,8 @@ class DataConfig:
     synthetic_root: str = "data/synthetic"
     synthetic_size: tuple[int, int] = (512, 256)  # (width, height)
     synthetic_counts: tuple[int, int, int] = (600, 300, 100)  # source, target train, target val
+    synthetic_style_shift: float = 0.6  # global domain-gap strength in [0, 1] (see SyntheticConfig.style_shift)
+    synthetic_class_shift: float = 1.0  # class-conditional part in [0, 1] (see SyntheticConfig.class_shift)
     # training transforms: resize shorter side, random scale, random crop (w, h), flip
     resize_short: int | None = 850
     scale: tuple[float, float] = (0.8, 1.2)
@@ -299,6 +301,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{where}={value!r} is not one of {', '.join(allowed)}")
     if cfg.optim.batch_size < 1:
         raise ConfigError("optim.batch_size must be >= 1")
+    for name in ("synthetic_style_shift", "synthetic_class_shift"):
+        if not 0.0 <= getattr(cfg.data, name) <= 1.0:
+            raise ConfigError(f"data.{name}={getattr(cfg.data, name)} must be in [0, 1]")
     if not 0.0 < cfg.loss.tau:
         raise ConfigError("loss.tau must be > 0")
 

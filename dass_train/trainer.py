@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from dass_train.evaluation import evaluate
 from dass_train.labels import CLASS_NAMES, NUM_CLASSES, SYNTHIA_13, SYNTHIA_16
 from dass_train.network import DeepLabV2, deeplab_v2
 from dass_train.pseudo_labels import generate_static_labels, label_path
+
+if TYPE_CHECKING:
+    from dass_train.data.synthetic import SyntheticConfig
 
 STAGES = ("source_only", "adapt", "distill", "oracle")
 
@@ -78,13 +81,26 @@ def ensure_synthetic(cfg: Config, progress: bool = True) -> None:
     """The embedded benchmark is generated on first use (deterministic by seed, reused afterwards)."""
     if cfg.data.source != "synthetic":
         return
-    from dass_train.data.synthetic import SyntheticConfig, ensure_dataset
+    from dass_train.data.synthetic import ensure_dataset
+
+    ensure_dataset(cfg.data.synthetic_root, synthetic_settings(cfg))
+
+
+def synthetic_settings(cfg: Config) -> SyntheticConfig:
+    """The generator settings a run's config asks for (the generator module, with OpenCV, is imported lazily)."""
+    from dass_train.data.synthetic import SyntheticConfig
 
     w, h = cfg.data.synthetic_size
     n_src, n_tt, n_tv = cfg.data.synthetic_counts
-    ensure_dataset(
-        cfg.data.synthetic_root,
-        SyntheticConfig(width=w, height=h, n_source=n_src, n_target_train=n_tt, n_target_val=n_tv, seed=cfg.run.seed),
+    return SyntheticConfig(
+        width=w,
+        height=h,
+        n_source=n_src,
+        n_target_train=n_tt,
+        n_target_val=n_tv,
+        seed=cfg.run.seed,
+        style_shift=cfg.data.synthetic_style_shift,
+        class_shift=cfg.data.synthetic_class_shift,
     )
 
 

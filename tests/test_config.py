@@ -51,6 +51,7 @@ def test_overrides_are_typed():
         ("model.backbone=vgg16", "model.backbone"),
         ("optim=3", "'optim' is a section"),
         ("nokey", "not of the form"),
+        ("data.synthetic_style_shift=1.5", "data.synthetic_style_shift=1.5 must be in"),
     ],
 )
 def test_bad_overrides_name_the_option(override, message):

@@ -93,6 +93,15 @@ def test_ensure_dataset_reuses_and_regenerates(tmp_path: Path) -> None:
     S.ensure_dataset(root, bigger, progress=False)
     assert len(list((root / "gta5" / "images").iterdir())) == 3
     assert json.loads((root / "synthetic.json").read_text())["n_source"] == 3
+    # a run's config reaches the generator: another style shift is another dataset
+    from dass_train.config import build_config
+    from dass_train.trainer import synthetic_settings
+
+    run_cfg = build_config("synth2real", ["data.synthetic_style_shift=0.5", "run.seed=1"])
+    assert build_config("synth2real").data.synthetic_style_shift == S.DEFAULT_STYLE_SHIFT
+    assert synthetic_settings(run_cfg).style_shift == 0.5 and synthetic_settings(run_cfg).seed == 1
+    S.ensure_dataset(root, S.SyntheticConfig(**{**bigger.__dict__, "style_shift": 0.5}), progress=False)
+    assert json.loads((root / "synthetic.json").read_text())["style_shift"] == 0.5
     # a folder with data but no synthetic.json may be a real dataset: refuse
     (tmp_path / "real" / "gta5").mkdir(parents=True)
     with pytest.raises(DataError, match="synthetic.json"):
@@ -143,6 +152,38 @@ def test_domains_differ_in_colour_for_the_same_layout() -> None:
     assert np.median(lap(S.render_target(scene, rng))[road]) > np.median(lap(S.render_source(scene, rng))[road]) + 1
     # a plain trainId map (no scene) renders too
     assert S.render_target(scene.labels, rng).shape == (128, 256, 3)
+
+
+def test_class_conditional_shift_survives_a_global_colour_correction() -> None:
+    """With ``class_shift`` the target swaps the colours of road and sidewalk: after the best per-channel affine map from target to source colours over the whole image (all a
+    re-estimation of BatchNorm statistics can do to the input), the two classes still lie in the reverse order along
+    the colour direction that separates them in the source. Without it, the order is kept."""
+
+    def separation(class_shift: float, a: int, b: int) -> tuple[float, float]:
+        src_px, tgt_px, lab_px = [], [], []
+        for i in range(4):
+            rng = np.random.default_rng([21, i])
+            scene = S.compose_scene(rng, 256, 128)
+            src_px.append(S.render_source(scene, rng).reshape(-1, 3))
+            tgt_px.append(S.render_target(scene, rng, class_shift=class_shift).reshape(-1, 3))
+            lab_px.append(scene.labels.reshape(-1))
+        src, tgt, lab = (np.concatenate(x).astype(np.float64) for x in (src_px, tgt_px, lab_px))
+        keep = lab != 255
+        for ch in range(3):  # least-squares per-channel gain and offset, fitted on every labelled pixel
+            design = np.stack([tgt[keep, ch], np.ones(int(keep.sum()))], 1)
+            gain, offset = np.linalg.lstsq(design, src[keep, ch], rcond=None)[0]
+            tgt[:, ch] = gain * tgt[:, ch] + offset
+        direction = src[lab == a].mean(0) - src[lab == b].mean(0)
+        direction /= np.linalg.norm(direction)
+        return float(direction @ (src[lab == a].mean(0) - src[lab == b].mean(0))), float(
+            direction @ (tgt[lab == a].mean(0) - tgt[lab == b].mean(0))
+        )
+
+    road, sidewalk, vegetation, terrain = 0, 1, 8, 9
+    in_source, swapped = separation(1.0, road, sidewalk)
+    assert in_source > 50 and swapped < -10, (in_source, swapped)
+    assert separation(0.0, road, sidewalk)[1] > 30
+    assert separation(1.0, vegetation, terrain)[1] > 30  # classes outside the swap keep their order
 
 
 def test_render_speed_one_core() -> None:
