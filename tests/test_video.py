@@ -103,10 +103,16 @@ def test_sigint_closes_the_file_cleanly(model_dir, tmp_path):  # noqa: F811
     frames_in_clip = 2400
     clip = make_clip(tmp_path / "long.mp4", frames_in_clip)
     out = tmp_path / "out"
+    # `python -m dass_deploy`, with Ctrl-C delivered as in a terminal: a shell that starts this suite in the
+    # background (`cmd &`) makes its children ignore SIGINT, and Python then installs no KeyboardInterrupt handler
+    as_in_a_terminal = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv[0] = 'dass-segment'; runpy.run_module('dass_deploy', run_name='__main__')"
+    )
     cmd = [
         sys.executable,
-        "-m",
-        "dass_deploy",
+        "-c",
+        as_in_a_terminal,
         str(clip),
         "--model",
         str(model_dir),
