@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         "--precision",
         default="--fp16",
         help="dass-export precision flags (default --fp16: fp32 is ~47 MB, over the 25 MB budget in git; "
-        "INT8 on this model lost 1.19 mIoU points, over the 1-point limit, so the exporter refused it)",
+        "INT8 lost more than the 1-point mIoU limit on these models, see benchmarks/results/int8.md)",
     )
     args = p.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
@@ -126,9 +126,8 @@ def write_card(folder: Path, stage: str, card: dict, cards: dict, command: str) 
         "",
         "## How it was made",
         "",
-        f"1. `dass-train synth2real` (checkpoint `{card['checkpoint']}`; here the runs of",
-        "   `python benchmarks/synth_tables.py --seed 0` (source-only and the full BiDA row of Table 3); the resolved",
-        "   config is in each run's `config.yaml`).",
+        f"1. `dass-train synth2real` -> checkpoint `{card['checkpoint']}` (the resolved config is in its run's",
+        "   `config.yaml`).",
         f"2. `{card['export']}`",
         f"3. Model cards written by `{command}`.",
         "",

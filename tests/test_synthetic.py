@@ -98,7 +98,11 @@ def test_ensure_dataset_reuses_and_regenerates(tmp_path: Path) -> None:
     from dass_train.trainer import synthetic_settings
 
     run_cfg = build_config("synth2real", ["data.synthetic_style_shift=0.5", "run.seed=1"])
-    assert build_config("synth2real").data.synthetic_style_shift == S.DEFAULT_STYLE_SHIFT
+    defaults = build_config("synth2real").data  # the config's defaults are the generator's
+    assert (defaults.synthetic_style_shift, defaults.synthetic_class_shift) == (
+        S.DEFAULT_STYLE_SHIFT,
+        S.DEFAULT_CLASS_SHIFT,
+    )
     assert synthetic_settings(run_cfg).style_shift == 0.5 and synthetic_settings(run_cfg).seed == 1
     S.ensure_dataset(root, S.SyntheticConfig(**{**bigger.__dict__, "style_shift": 0.5}), progress=False)
     assert json.loads((root / "synthetic.json").read_text())["style_shift"] == 0.5
@@ -155,9 +159,10 @@ def test_domains_differ_in_colour_for_the_same_layout() -> None:
 
 
 def test_class_conditional_shift_survives_a_global_colour_correction() -> None:
-    """With ``class_shift`` the target swaps the colours of road and sidewalk: after the best per-channel affine map from target to source colours over the whole image (all a
-    re-estimation of BatchNorm statistics can do to the input), the two classes still lie in the reverse order along
-    the colour direction that separates them in the source. Without it, the order is kept."""
+    """With ``class_shift`` the target swaps the colours of road and sidewalk: after the best per-channel affine map
+    from target to source colours over the whole image (all a re-estimation of BatchNorm statistics can do to the
+    input), the two classes still lie in the reverse order along the colour direction that separates them in the
+    source. Without it, the order is kept."""
 
     def separation(class_shift: float, a: int, b: int) -> tuple[float, float]:
         src_px, tgt_px, lab_px = [], [], []
@@ -173,11 +178,9 @@ def test_class_conditional_shift_survives_a_global_colour_correction() -> None:
             design = np.stack([tgt[keep, ch], np.ones(int(keep.sum()))], 1)
             gain, offset = np.linalg.lstsq(design, src[keep, ch], rcond=None)[0]
             tgt[:, ch] = gain * tgt[:, ch] + offset
-        direction = src[lab == a].mean(0) - src[lab == b].mean(0)
-        direction /= np.linalg.norm(direction)
-        return float(direction @ (src[lab == a].mean(0) - src[lab == b].mean(0))), float(
-            direction @ (tgt[lab == a].mean(0) - tgt[lab == b].mean(0))
-        )
+        source_gap = src[lab == a].mean(0) - src[lab == b].mean(0)
+        direction = source_gap / np.linalg.norm(source_gap)
+        return float(direction @ source_gap), float(direction @ (tgt[lab == a].mean(0) - tgt[lab == b].mean(0)))
 
     road, sidewalk, vegetation, terrain = 0, 1, 8, 9
     in_source, swapped = separation(1.0, road, sidewalk)
