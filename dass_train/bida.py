@@ -36,6 +36,8 @@ __all__ = [
     "PrototypeMemory",
     "all_reduce_prototypes",
     "class_prototypes",
+    "pair_prototypes",
+    "upsample_logits",
     "contrastive_loss",
     "downsample_labels",
     "dynamic_pseudo_labels",
@@ -79,20 +81,34 @@ def _valid_labels(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor
 
 
 def _cosine_logits(features: Tensor, prototypes: Tensor, present: Tensor, tau: float = 1.0) -> Tensor:
-    """features [N,C,H,W] x prototypes [K,C] -> [N,K,H*W] cosine similarity / tau, in >= fp32, autocast off.
+    """features [N,C,H,W] x prototypes [K,C] (or per-image [N,K,C]) -> [N,K,H*W] cosine similarity / tau, >= fp32.
 
     Works in the channels-first layout (one batched matmul, no [N*H*W, C] copy of the features) and normalises the
-    [N,K,HW] result instead of the C-channel features. Absent classes get the dtype's lowest finite value rather
-    than -inf: exp() of it is exactly 0 (the class is out of the softmax denominator), yet nothing turns into NaN
-    even when no class is present.
+    [N,K,HW] result instead of the C-channel features. ``present`` is [K] (or [N,K] with per-image prototypes).
+    Absent classes get the dtype's lowest finite value rather than -inf: exp() of it is exactly 0 (the class is out
+    of the softmax denominator), yet nothing turns into NaN even when no class is present.
     """
     n, c = features.shape[:2]
     with _no_autocast(features):
         pixels = _wide(features).reshape(n, c, -1)  # a view for contiguous NCHW
-        protos = F.normalize(_wide(prototypes).to(device=pixels.device, dtype=pixels.dtype), dim=1) / tau
+        protos = F.normalize(_wide(prototypes).to(device=pixels.device, dtype=pixels.dtype), dim=-1) / tau
         norms = torch.linalg.vector_norm(pixels, dim=1, keepdim=True).clamp_min(1e-12)  # [N,1,HW], as F.normalize
-        sim = torch.matmul(protos, pixels) / norms  # [K,C] @ [N,C,HW] -> [N,K,HW]
-    return sim.masked_fill(~present.to(sim.device)[None, :, None], torch.finfo(sim.dtype).min)
+        sim = torch.matmul(protos, pixels) / norms  # [K,C] or [N,K,C] @ [N,C,HW] -> [N,K,HW]
+    mask = present.to(sim.device)
+    mask = mask[None, :, None] if mask.dim() == 1 else mask[:, :, None]
+    return sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
+
+
+def upsample_logits(logits: Tensor, size: Sequence[int], align_corners: bool = False) -> Tensor:
+    """Bilinear upsampling of [N,K,h,w] logits to ``size`` (H, W).
+
+    ``align_corners`` is part of the model, like its input normalisation: the BiDA authors' DeepLab-V2 upsamples
+    with ``align_corners=True`` and a checkpoint of that lineage only reproduces its predictions that way; models
+    trained here default to False. Every consumer (losses, pseudo labels, evaluation, export) calls this.
+    """
+    if tuple(logits.shape[2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
 def downsample_labels(labels: Tensor, size: int | Sequence[int]) -> Tensor:
@@ -177,6 +193,28 @@ def class_prototypes(
     return sums / counts.clamp_min(1.0)[:, None], present
 
 
+def pair_prototypes(
+    features: Tensor, labels: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
+    """Eq. 1 per image: masked average pooling within each image of the batch (the authors' code pairs the i-th
+    source image with the i-th target image and computes prototypes and losses per pair).
+
+    features [N,C,H,W], labels [N,H,W] (feature resolution) -> (prototypes [N,K,C] in >= fp32, present [N,K] bool).
+    Never all-reduced: a pair lives on one rank.
+    """
+    _check_pair(features, labels)
+    k = num_classes
+    n, c = features.shape[:2]
+    pixels = _wide(features).reshape(n, c, -1)
+    lab = labels.reshape(n, 1, -1).to(pixels.device)
+    idx = torch.where(_valid_labels(lab, k, ignore_index), lab, torch.full_like(lab, k))
+    with _no_autocast(pixels):
+        sums = pixels.new_zeros(n, c, k + 1).scatter_add(2, idx.expand(n, c, -1), pixels)  # [N,C,K+1]
+        sums = sums.transpose(1, 2)[:, :k]  # [N,K,C]
+    counts = F.one_hot(idx[:, 0], k + 1).sum(1)[:, :k].to(sums.dtype)  # [N,K]
+    return sums / counts.clamp_min(1.0)[..., None], counts > 0
+
+
 # ------------------------------------------------------------------------------------------------------- Eq. 2 and 3
 def contrastive_loss(
     features: Tensor,
@@ -189,7 +227,8 @@ def contrastive_loss(
     """Pixel-to-prototype InfoNCE: FCL (Eq. 2) and BCL (Eq. 3) are the same function with the domains swapped.
 
     FCL: ``contrastive_loss(f_T, y_T hybrid, rho_S, present_S)``; BCL: ``contrastive_loss(f_S, y_S, rho_T, present_T)``.
-    features [N,C,H,W], labels [N,H,W] (feature resolution), prototypes [K,C], present [K] -> scalar.
+    features [N,C,H,W], labels [N,H,W] (feature resolution), prototypes [K,C] with present [K] (batch prototypes),
+    or [N,K,C] with [N,K] (per-pair prototypes, ``pair_prototypes``: image i is contrasted with pair i's) -> scalar.
 
     - s(.,.) is cosine similarity, divided by tau (the authors use 0.1).
     - The softmax runs over *present* classes only: a class without a prototype in this batch is neither a
@@ -205,16 +244,17 @@ def contrastive_loss(
     _check_pair(features, labels)
     if tau <= 0:
         raise ValueError(f"temperature tau must be > 0, got {tau}")
-    k = prototypes.shape[0]
-    if present.shape != (k,):
-        raise ValueError(f"present must be [K]={k}, got {tuple(present.shape)}")
+    k = prototypes.shape[-2]
+    if present.shape != prototypes.shape[:-1]:
+        raise ValueError(f"present must be {tuple(prototypes.shape[:-1])}, got {tuple(present.shape)}")
     logits = _cosine_logits(features, prototypes, present, tau)  # [N,K,HW]
     with _no_autocast(logits):
         log_prob = torch.log_softmax(logits, dim=1)
     lab = labels.reshape(labels.shape[0], 1, -1).to(logits.device)  # [N,1,HW]
     valid = _valid_labels(lab, k, ignore_index)
     safe = torch.where(valid, lab, torch.zeros_like(lab))
-    valid = valid & present.to(lab.device)[safe]
+    pres = present.to(lab.device)
+    valid = valid & (pres[safe] if pres.dim() == 1 else pres[:, :, None].gather(1, safe))
     nll = -log_prob.gather(1, safe)
     # torch.where (not multiplication) so that a masked -huge log-prob never becomes 0 * inf = NaN.
     nll = torch.where(valid, nll, torch.zeros_like(nll))
@@ -283,20 +323,31 @@ def dynamic_pseudo_labels(
     present: Tensor,
     threshold: float,
     ignore_index: int = IGNORE_INDEX,
+    score: str = "cosine",
+    tau: float = 0.1,
 ) -> Tensor:
-    """Eq. 8-9: label each pixel with its most similar (cosine) present prototype if that similarity is > T.
+    """Eq. 8-9: label each pixel with its most similar present prototype if the match score is > T.
 
-    features [N,C,H,W] (target), prototypes [K,C] (calibrated source prototypes, Eq. 7), present [K] bool ->
-    labels [N,H,W] int64 with ``ignore_index`` where the best similarity is not above the threshold or no class is
-    present. The authors' code thresholds the wrong quantity (a max over the argmax map); this is the paper's rule.
-    Neither the paper nor the code facts give T, so the trainer takes it from its config.
+    features [N,C,H,W] (target), prototypes [K,C] or per-pair [N,K,C] (calibrated source prototypes, Eq. 7),
+    present [K] or [N,K] bool -> labels [N,H,W] int64 with ``ignore_index`` where the score is not above the
+    threshold or no class is present.
+
+    ``score="cosine"`` thresholds s(f_T(p), rho_{S->T}(c')) itself, as Eq. 8 is written. ``score="softmax"``
+    thresholds the softmax over present classes of cosine / tau at c' instead, which is what the authors' code
+    compares with its T = 0.8 (a different quantity: the same T selects different pixels). The argmax (Eq. 9) is
+    the same for both. The authors' code also takes a max over the argmax map; that bug is not reproduced.
     """
     if features.dim() != 4:
         raise ValueError(f"expected features [N,C,H,W], got {tuple(features.shape)}")
+    if score not in ("cosine", "softmax"):
+        raise ValueError(f"score must be 'cosine' or 'softmax', got {score!r}")
     n, _, h, w = features.shape
     sim = _cosine_logits(features.detach(), prototypes.detach(), present)  # [N,K,HW]
     best, label = sim.max(dim=1)
-    keep = (best > threshold) & present.to(label.device).any()
+    if score == "softmax":
+        best = torch.softmax(sim / tau, dim=1).gather(1, label[:, None])[:, 0]
+    any_present = present.to(label.device).reshape(present.shape[0] if present.dim() == 2 else 1, -1).any(-1)
+    keep = (best > threshold) & any_present[:, None]
     label = torch.where(keep, label, torch.full_like(label, ignore_index))
     return label.view(n, h, w)
 
@@ -309,23 +360,32 @@ def hybrid_pseudo_labels(dynamic: Tensor, static: Tensor, ignore_index: int = IG
 
 
 # ------------------------------------------------------------------------------------------------------------ Eq. 11
-def entropy_loss(logits: Tensor) -> Tensor:
-    """Mean per-pixel entropy -sum_k p_k log p_k of softmax(logits), in nats. logits [N,K,H,W] -> scalar.
+def entropy_loss(logits: Tensor, variant: str = "paper") -> Tensor:
+    """Mean per-pixel entropy -sum_k p_k log p_k of the prediction, in nats. logits [N,K,H,W] -> scalar.
 
-    The softmax is applied once, via log_softmax (the authors' code applies it twice, which flattens the
-    distribution). Not divided by log K: AdvEnt-style code normalises by log2(K), which only rescales the loss
-    weight; plain nats keep the value comparable to the cross-entropy terms.
+    ``variant="paper"``: p = softmax(logits), applied once via log_softmax. ``variant="authors"``: the authors'
+    code feeds softmax probabilities to a second softmax, p = softmax(softmax(logits)); with probabilities in [0, 1]
+    the second softmax is nearly uniform, so the term is almost flat (its gradient is 28-132x smaller on random
+    logits) and their weights 0.4 / 0.12 were tuned against that. Not divided by log K (that only rescales the
+    weight).
     """
+    if variant not in ("paper", "authors"):
+        raise ValueError(f"entropy variant must be 'paper' or 'authors', got {variant!r}")
     with _no_autocast(logits):
-        log_p = torch.log_softmax(_wide(logits), dim=1)
+        x = _wide(logits)
+        if variant == "authors":
+            x = torch.softmax(x, dim=1)
+        log_p = torch.log_softmax(x, dim=1)
         return -(log_p.exp() * log_p).sum(dim=1).mean()
 
 
-def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+def segmentation_loss(
+    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, align_corners: bool = False
+) -> Tensor:
     """Pixel-wise cross-entropy averaged over labelled pixels. logits [N,K,h,w], labels [N,H,W] -> scalar.
 
     Logits at a lower resolution than the labels (the network's 1/8 output) are upsampled bilinearly
-    (align_corners=False) to the label size first, so the loss is taken at full label resolution; logits that
+    (``upsample_logits``, with the model's ``align_corners``) to the label size first, so the loss is taken at full label resolution; logits that
     already match are used as they are. All pixels ignored -> exactly 0, still connected to ``logits``.
     """
     if logits.dim() != 4 or labels.dim() != 3 or logits.shape[0] != labels.shape[0]:
@@ -334,8 +394,7 @@ def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE
         )
     with _no_autocast(logits):
         logits = _wide(logits)
-        if logits.shape[2:] != labels.shape[1:]:
-            logits = F.interpolate(logits, size=labels.shape[1:], mode="bilinear", align_corners=False)
+        logits = upsample_logits(logits, labels.shape[1:], align_corners)
         labels = labels.to(logits.device).long()
         total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
         count = (labels != ignore_index).sum().clamp_min(1)

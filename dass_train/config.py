@@ -44,6 +44,10 @@ class DataConfig:
     # evaluation protocol: predict at eval_size (w, h), upsample logits to the label's full size
     eval_size: tuple[int, int] = (1024, 512)
     rare_class_temperature: float | None = 0.01  # None = uniform source sampling
+    # An image "contains" a class for rare-class sampling from this many pixels of it (full-resolution labels).
+    # DAFormer's rare-class sampling uses 3000 on GTA5's 1914x1052 labels (0.15 % of the image); a single pixel
+    # (the old behaviour) lets one stray labelled pixel make an image count as a rare-class example.
+    rare_class_min_pixels: int = 3000
     num_workers: int = 4
 
 
@@ -59,6 +63,9 @@ class ModelConfig:
     domain_bn: bool = False
     init: str | None = "weights/DeepLab_resnet_pretrained_init-f81d91e8.pth"  # ImageNet / COCO init; None = random
     normalization: str = "caffe"  # caffe (BGR, mean only) | imagenet (RGB, mean/std)
+    # Bilinear logit upsampling, part of the model like its normalisation (saved in every checkpoint's meta):
+    # the BiDA authors' network uses align_corners=True in training, pseudo labelling and evaluation.
+    align_corners: bool = False
 
 
 @dataclass
@@ -71,6 +78,12 @@ class OptimConfig:
     poly_power: float = 0.9
     batch_size: int = 4  # per step, per domain, summed over GPUs
     grad_clip: float | None = None
+    # Adaptation LR schedule. poly: one poly decay over all iterations (paper 4.1). rounds: the authors' code, which
+    # splits adaptation into `rounds` equal rounds, restarts poly in each with the LR multiplied by `round_decay`
+    # per round, and regenerates the static pseudo labels at the start of every round.
+    schedule: str = "poly"  # poly | rounds
+    rounds: int = 10
+    round_decay: float = 0.5
 
 
 @dataclass
@@ -85,6 +98,9 @@ class LossConfig:
     bcl: float = 0.1
     tau: float = 0.1
     detach_prototypes: bool = False
+    # paper: entropy of softmax(logits); authors: of softmax(softmax(logits)) (their code, nearly flat; their weights
+    # 0.4 / 0.12 were tuned against it). See README "Differences from the authors' run".
+    entropy: str = "paper"  # paper | authors
 
 
 @dataclass
@@ -94,7 +110,14 @@ class MethodConfig:
     use_fcl: bool = True
     use_bcl: bool = True
     dynamic_labels: str = "calibrated"  # off | uncalibrated | calibrated  (Eq. 8-9, with or without Eq. 7)
-    dynamic_threshold: float = 0.8  # T of Eq. 8 (cosine similarity)
+    dynamic_threshold: float = 0.8  # T of Eq. 8
+    # What T thresholds: cosine = s(f_T, rho_{S->T}) as Eq. 8 is written; softmax = the softmax over classes of
+    # cosine / tau at the best class (the authors' code, with T = 0.8).
+    dynamic_score: str = "cosine"  # cosine | softmax
+    # Where prototypes (Eq. 1) are pooled for the contrastive terms and dynamic labels: over the whole batch, or per
+    # (source image i, target image i) pair as the authors' code does. The EMA memory (Eq. 4-5) always takes the
+    # batch prototypes.
+    prototypes: str = "batch"  # batch | pair
     prototype_momentum: float = 0.99  # lambda of Eq. 4-5
     cbst_portion: float = 0.1  # class-balanced thresholds: top 10 % per class
     image_portion: float = 0.1  # fused per-image top-10 % confidence mask
@@ -111,6 +134,7 @@ class StageConfig:
     source_only_resize_short: int | None = 720
     source_only_scale: tuple[float, float] = (0.5, 1.5)
     source_only_crop: tuple[int, int] = (600, 600)
+    source_only_batch_size: int | None = None  # None = optim.batch_size (the authors used 2)
     adapt_iters: int = 100000
     distill_iters: int = 0  # optional stage 3
     distill_lr: float = 2.5e-4
@@ -134,6 +158,9 @@ class RunConfig:
     ckpt_every: int = 2000
     val_max_images: int = 0  # 0 = all
     max_bad_steps: int = 5  # consecutive non-finite losses that stop the run
+    # At the end of adaptation, measure what FCL / BCL should change in the feature space on target val (ground
+    # truth only measures): see dass_train/diagnostics.py. Written to <stage>/diagnostics.json.
+    diagnostics: bool = True
     tensorboard: bool = True
     progress: bool = True
 
@@ -293,6 +320,10 @@ def validate(cfg: Config) -> None:
         "model.feature": (cfg.model.feature, ("aspp", "layer4")),
         "model.normalization": (cfg.model.normalization, ("caffe", "imagenet")),
         "method.dynamic_labels": (cfg.method.dynamic_labels, ("off", "uncalibrated", "calibrated")),
+        "method.dynamic_score": (cfg.method.dynamic_score, ("cosine", "softmax")),
+        "method.prototypes": (cfg.method.prototypes, ("batch", "pair")),
+        "loss.entropy": (cfg.loss.entropy, ("paper", "authors")),
+        "optim.schedule": (cfg.optim.schedule, ("poly", "rounds")),
         "run.amp": (cfg.run.amp, ("off", "bf16", "fp16")),
         "run.device": (cfg.run.device, ("auto", "cpu", "cuda")),
     }
@@ -301,6 +332,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{where}={value!r} is not one of {', '.join(allowed)}")
     if cfg.optim.batch_size < 1:
         raise ConfigError("optim.batch_size must be >= 1")
+    if cfg.stages.source_only_batch_size is not None and cfg.stages.source_only_batch_size < 1:
+        raise ConfigError("stages.source_only_batch_size must be >= 1 (or null for optim.batch_size)")
+    if cfg.optim.rounds < 1 or not 0.0 < cfg.optim.round_decay <= 1.0:
+        raise ConfigError("optim.rounds must be >= 1 and optim.round_decay in (0, 1]")
+    if cfg.data.rare_class_min_pixels < 1:
+        raise ConfigError("data.rare_class_min_pixels must be >= 1")
     for name in ("synthetic_style_shift", "synthetic_class_shift"):
         if not 0.0 <= getattr(cfg.data, name) <= 1.0:
             raise ConfigError(f"data.{name}={getattr(cfg.data, name)} must be in [0, 1]")

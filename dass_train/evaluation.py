@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dass_train.bida import upsample_logits
 from dass_train.labels import IGNORE_INDEX, NUM_CLASSES, SYNTHIA_13, SYNTHIA_16
 from dass_train.metrics import scores
 
@@ -70,19 +71,20 @@ def predict_logits(
     out_size: tuple[int, int],
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Class scores ``[N,K,H,W]`` at ``out_size=(H,W)`` for normalised ``images [N,3,h,w]``.
 
     Without TTA: the model's logits upsampled bilinearly. With flip and/or several scales (relative to ``h,w``):
     log of the softmax probabilities averaged over all views, so ``softmax`` of the result is the averaged
     probability and ``argmax`` is the TTA prediction; pseudo-label generation can use either the same way.
+    ``align_corners`` is the model's logit upsampling (``bida.upsample_logits``; True for the authors' lineage).
     """
     out_h, out_w = int(out_size[0]), int(out_size[1])
     h, w = images.shape[-2:]
     scales = tuple(scales)
     if not flip and scales == (1.0,):
-        logits = _forward(model, images)
-        return F.interpolate(logits, size=(out_h, out_w), mode="bilinear", align_corners=False)
+        return upsample_logits(_forward(model, images), (out_h, out_w), align_corners)
     prob_sum = None
     views = 0
     for s in scales:
@@ -92,8 +94,7 @@ def predict_logits(
             logits = _forward(model, view)
             if flipped:
                 logits = logits.flip(-1)
-            logits = F.interpolate(logits, size=(out_h, out_w), mode="bilinear", align_corners=False)
-            prob = logits.softmax(dim=1)
+            prob = upsample_logits(logits, (out_h, out_w), align_corners).softmax(dim=1)
             prob_sum = prob if prob_sum is None else prob_sum + prob
             views += 1
     return (prob_sum / views).clamp_min(1e-12).log()
@@ -120,6 +121,7 @@ def evaluate(
     amp: bool = False,
     progress: bool = True,
     class_subsets: Mapping[str, Sequence[int]] | None = None,
+    align_corners: bool = False,
 ) -> dict:
     """Score ``model`` on ``loader`` (batches ``{"image" [N,3,h,w], "label" [N,H,W]}``, labels at full size).
 
@@ -152,7 +154,7 @@ def evaluate(
                 images = F.interpolate(images, size=(eval_size[1], eval_size[0]), mode="bilinear", align_corners=False)
             out_hw = labels.shape[-2:] if full_size is None else (full_size[1], full_size[0])
             with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=amp):
-                logits = predict_logits(model, images, out_hw, flip=flip, scales=scales)
+                logits = predict_logits(model, images, out_hw, flip=flip, scales=scales, align_corners=align_corners)
             pred = logits.argmax(dim=1)
             if pred.shape != labels.shape:
                 labels = F.interpolate(labels[:, None].float(), size=pred.shape[-2:], mode="nearest")[:, 0].long()

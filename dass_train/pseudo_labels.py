@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from tqdm import tqdm
@@ -59,6 +58,7 @@ def generate_static_labels(
     dist_info: DistInfo | None = None,
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
+    align_corners: bool = False,
 ) -> StaticLabelResult:
     """Predict every target-train image once, fix CBST thresholds globally, write labels to ``out_dir``.
 
@@ -85,7 +85,7 @@ def generate_static_labels(
         x = sample["image"][None].to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
-        probs = F.interpolate(logits.float(), size=x.shape[2:], mode="bilinear", align_corners=False).softmax(1)
+        probs = bida.upsample_logits(logits.float(), x.shape[2:], align_corners).softmax(1)
         cbst.update(probs)
         conf, cls = probs.max(1)  # [1,H,W]
         cut = float(bida.image_confidence_cut(conf, image_portion)[0])
