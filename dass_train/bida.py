@@ -254,7 +254,7 @@ def contrastive_loss(
     valid = _valid_labels(lab, k, ignore_index)
     safe = torch.where(valid, lab, torch.zeros_like(lab))
     pres = present.to(lab.device)
-    valid = valid & (pres[safe] if pres.dim() == 1 else pres[:, :, None].gather(1, safe))
+    valid = valid & (pres[safe] if pres.dim() == 1 else pres.gather(1, safe[:, 0])[:, None])
     nll = -log_prob.gather(1, safe)
     # torch.where (not multiplication) so that a masked -huge log-prob never becomes 0 * inf = NaN.
     nll = torch.where(valid, nll, torch.zeros_like(nll))
