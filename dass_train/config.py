@@ -288,7 +288,16 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def load_preset(name: str) -> dict[str, Any]:
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset file as a nested dict; ``inherit: other`` starts from another preset (the ``*_authors`` presets
+    are their paper preset plus the authors' code choices)."""
     path = Path(name) if name.endswith((".yaml", ".yml")) else PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown preset '{name}' (available: {', '.join(available_presets())}, or a .yaml path)")
@@ -298,6 +307,11 @@ def load_preset(name: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections")
+    parent = data.pop("inherit", None)
+    if parent is not None:
+        if str(parent) in _seen or str(parent) == name:
+            raise ConfigError(f"{path}: 'inherit: {parent}' makes a cycle")
+        data = _merge(load_preset(str(parent), (*_seen, name)), data)
     return data
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -69,3 +71,44 @@ def test_resolved_config_round_trip(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert again == cfg and again.stages.adapt_iters == 123
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.mark.parametrize("paper", ["gta2city", "synthia2city"])
+def test_authors_presets_differ_from_the_paper_presets_exactly_where_documented(paper):
+    from dass_train.config import build_config
+
+    a = _flat(build_config(f"{paper}_authors").to_dict())
+    p = _flat(build_config(paper).to_dict())
+    changed = {k for k in a if a[k] != p[k]}
+    assert changed == {
+        "preset",
+        "data.rare_class_temperature",
+        "model.align_corners",
+        "optim.batch_size",
+        "optim.schedule",
+        "loss.entropy",
+        "method.dynamic_score",
+        "method.prototypes",
+        "stages.source_only_lr",
+        "stages.source_only_batch_size",
+    }
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for key in changed - {"preset"}:
+        assert f"`{key}`" in readme, f"README's difference table lacks {key}"
+
+
+def test_preset_inheritance_cycle_is_one_line_error(tmp_path):
+    from dass_train.config import build_config
+
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"inherit: {b}\n")
+    b.write_text(f"inherit: {a}\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        build_config(str(a))
