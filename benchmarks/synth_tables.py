@@ -1,22 +1,29 @@
-"""Reproduce the paper's ablations on the embedded synthetic benchmark (CPU):
+"""Table 3 / Table 4 of the paper on the embedded synthetic benchmark, over several seeds of data and training (CPU).
 
-- domain gap: source-only vs a model trained on target labels (oracle), same recipe and iterations;
-- Table 3: source-only and the five rows (L_base; +FCL; +FCL+BCL; +dynamic labels w/o calibration; w/ calibration),
-  every adaptation row starting from the same source-only checkpoint;
-- Table 4: density and accuracy of static, dynamic (w/o and w/ calibration) and hybrid labels, accumulated over
-  the full model's adaptation steps against the synthetic target-train ground truth (which training never uses).
+Per seed S (the synthetic data and the training both use S):
+- source-only and target-trained (oracle) models, same recipe and iterations: the domain gap;
+- AdaBN: the source-only weights with BN statistics re-estimated on target-train images (no training);
+- the five Table 3 rows (L_base; +FCL; +FCL+BCL; +dynamic labels w/o calibration; w/ calibration), each adapting
+  the same source-only checkpoint;
+- the regime of the proxy: accuracy and density of the static labels the adaptation trains on first (round 0),
+  against target-train ground truth that training never sees;
+- Table 4 (label density / accuracy during the full model's adaptation) and the feature diagnostics
+  (``dass_train/diagnostics.py``) of every row and of the source-only model.
 
-    python benchmarks/synth_tables.py                 # the synth2real preset, seed 0, 2 runs at a time
-    python benchmarks/synth_tables.py --seed 1 --parallel 1 stages.adapt_iters=600
+    python benchmarks/synth_tables.py                       # seeds 0,1,2; resumes where it stopped
+    python benchmarks/synth_tables.py --seeds 3 --parallel 1 stages.adapt_iters=600
 
-Runs go to runs/tables-seed<S>/; results to benchmarks/results/{domain_gap,table3,table4}.{md,json}.
-mIoU is measured once at the end of each stage (last iterate, no checkpoint picked on target labels).
+Resumable: finished stages are reused (runs/tables-seed<S>/), a finished seed writes
+benchmarks/results/table3_seeds/seed<S>.json and is skipped on a rerun; the summary (table3_seeds.json / .md, one
+diagnostics plot per row) is rebuilt from every seed file present. mIoU is measured once at the end of each stage
+(last iterate: no checkpoint is picked on target labels).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -26,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(REPO))
 
 ROWS = [  # (name, overrides) in the order of Table 3
     ("L_base", ["method.use_fcl=false", "method.use_bcl=false", "method.dynamic_labels=off"]),
@@ -34,6 +42,8 @@ ROWS = [  # (name, overrides) in the order of Table 3
     ("+ y_D (w/o cal.)", ["method.use_fcl=true", "method.use_bcl=true", "method.dynamic_labels=uncalibrated"]),
     ("+ y_D (w/ cal.) = BiDA", ["method.use_fcl=true", "method.use_bcl=true", "method.dynamic_labels=calibrated"]),
 ]
+PAPER_ROWS = [49.5, 51.2, 53.5, 55.3, 57.1]  # GTA5 -> Cityscapes, ResNet-101 (Table 3)
+DIAG = ("own_sim", "margin", "spread", "proto_cos")
 
 
 def run(args: list[str], log: Path) -> None:
@@ -46,25 +56,45 @@ def run(args: list[str], log: Path) -> None:
         raise SystemExit(f"failed ({proc.returncode}): see {log}")
 
 
-def final_miou(stage_dir: Path) -> dict:
+def final_metrics(stage_dir: Path) -> dict:
     from dass_train.checkpoint import load_checkpoint
 
-    meta = load_checkpoint(stage_dir / "last.pt")["meta"]
-    return meta["metrics"]
+    return load_checkpoint(stage_dir / "last.pt")["meta"]["metrics"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="extra config overrides for every run (section.key=value)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--parallel", type=int, default=2, help="runs at a time (each gets run.threads=1 when > 1)")
-    p.add_argument("--runs", default=None, help="run folder (default runs/tables-seed<S>)")
-    p.add_argument("--out", default=str(RESULTS))
-    args = p.parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    runs = Path(args.runs or REPO / "runs" / f"tables-seed{args.seed}")
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+        model = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if "model name" in ln
+            ),
+            platform.processor(),
+        )
+    except OSError:
+        model = platform.processor()
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f" {f}" in flags]
+    import os
+
+    return {"cpu": model, "cores": os.cpu_count(), "isa": isa, "torch": torch.__version__}
+
+
+# ---------------------------------------------------------------------------------------------------- one seed
+def run_seed(seed: int, args: argparse.Namespace, command: str) -> dict:
+    runs = Path(args.runs or REPO / "runs") / f"tables-seed{seed}"
     runs.mkdir(parents=True, exist_ok=True)
-    common = [f"run.seed={args.seed}", f"run.out={runs}", "run.progress=false", "run.val_every=0", *args.overrides]
+    data = f"data.synthetic_root=data/synthetic-seed{seed}"  # one data folder per seed (overrides may move it)
+    common = [f"run.seed={seed}", f"run.out={runs}", "run.progress=false", "run.val_every=0", data, *args.overrides]
     if args.parallel > 1:
         common.append("run.threads=1")
     start = time.perf_counter()
@@ -73,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         out = runs / name / stage_name
         summary = runs / name / "summary.json"
         finished = summary.is_file() and stage_name in json.loads(summary.read_text())["stages"]
-        if not finished:  # a rerun of the script reuses finished stages
+        if not finished:  # a rerun reuses finished stages
             run(
                 ["synth2real", "--name", name, "--exist-ok", "--stage", stage_name, *common, *extra],
                 runs / f"{name}-{stage_name}.log",
@@ -81,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     # the synthetic data is generated once, before parallel runs could race on it
-    run(["synthesize", f"run.seed={args.seed}", *args.overrides], runs / "synthesize.log")
+    run(["synthesize", f"run.seed={seed}", data, *args.overrides], runs / "synthesize.log")
     with ThreadPoolExecutor(args.parallel) as pool:
         src_future = pool.submit(stage, "source_only", "source_only", [])
         oracle_future = pool.submit(stage, "oracle", "oracle", ["stages.oracle_iters=" + _iters(args, "source_only")])
@@ -93,20 +123,33 @@ def main(argv: list[str] | None = None) -> int:
         oracle_dir = oracle_future.result()
         row_dirs = [f.result() for f in row_futures]
 
-    adabn = adabn_miou(src_dir / "last.pt", args, runs)
-    source = final_miou(src_dir)
-    oracle = final_miou(oracle_dir)
-    rows = [
-        {"row": name, "miou": final_miou(d)["miou"], "iou": final_miou(d)["iou"]}
-        for (name, _), d in zip(ROWS, row_dirs, strict=True)
-    ]
-    stats = json.loads((row_dirs[-1] / "label_stats.json").read_text())
-    minutes = (time.perf_counter() - start) / 60
-    write_results(Path(args.out), command, args.seed, source, oracle, rows, stats, minutes, adabn)
-    return 0
+    source, oracle = final_metrics(src_dir), final_metrics(oracle_dir)
+    result = {
+        "seed": seed,
+        "command": command,
+        "machine": machine(),
+        "source_only": {"miou": source["miou"], "iou": source["iou"]},
+        "oracle": {"miou": oracle["miou"], "iou": oracle["iou"]},
+        "adabn": adabn_miou(init, seed, args, runs),
+        "rows": [
+            {"row": name, "miou": final_metrics(d)["miou"], "iou": final_metrics(d)["iou"]}
+            for (name, _), d in zip(ROWS, row_dirs, strict=True)
+        ],
+        "static_labels": static_label_regime(row_dirs[-1], seed, args),
+        "table4": json.loads((row_dirs[-1] / "label_stats.json").read_text()),
+        "diagnostics": {
+            "source_only": source_only_diagnostics(init),
+            **{
+                name: json.loads((d / "diagnostics.json").read_text())
+                for (name, _), d in zip(ROWS, row_dirs, strict=True)
+            },
+        },
+        "minutes": (time.perf_counter() - start) / 60,
+    }
+    return result
 
 
-def adabn_miou(ckpt: Path, args: argparse.Namespace, runs: Path) -> float:
+def adabn_miou(ckpt: Path, seed: int, args: argparse.Namespace, runs: Path) -> float:
     """Source-only weights with BN statistics re-estimated on target-train images (what domain BN alone gives)."""
     log = runs / "source_only-adabn.log"
     run(
@@ -117,13 +160,55 @@ def adabn_miou(ckpt: Path, args: argparse.Namespace, runs: Path) -> float:
             "--preset",
             "synth2real",
             "--target-bn",
-            f"run.seed={args.seed}",
+            f"run.seed={seed}",
             *args.overrides,
         ],
         log,
     )
     line = [ln for ln in log.read_text().splitlines() if ": mIoU " in ln][-1]
     return float(line.split(": mIoU ")[1].split()[0]) / 100
+
+
+def static_label_regime(adapt_dir: Path, seed: int, args: argparse.Namespace) -> dict:
+    """Accuracy / density of the round-0 static labels (what adaptation trains on first) against target-train
+    ground truth, at full label resolution, over all target-train images."""
+    import numpy as np
+    from PIL import Image
+
+    from dass_train.config import build_config
+    from dass_train.data.domains import target_dataset
+    from dass_train.labels import IGNORE_INDEX
+    from dass_train.pseudo_labels import label_path
+
+    cfg = build_config(
+        "synth2real", [f"run.seed={seed}", f"data.synthetic_root=data/synthetic-seed{seed}", *args.overrides]
+    )
+    ds = target_dataset(cfg, "train", None, with_labels=True, seed=seed + 1)
+    labelled = correct = valid = 0
+    for i, name in enumerate(ds.names):
+        pseudo = np.asarray(Image.open(label_path(adapt_dir / "pseudo" / "round_00", name)))
+        gt = np.asarray(ds.load_label(i))
+        ok = gt != IGNORE_INDEX
+        lab = ok & (pseudo != IGNORE_INDEX)
+        labelled += int(lab.sum())
+        correct += int((lab & (pseudo == gt)).sum())
+        valid += int(ok.sum())
+    return {"accuracy": correct / max(labelled, 1), "density": labelled / max(valid, 1), "images": len(ds.names)}
+
+
+def source_only_diagnostics(ckpt: Path) -> dict:
+    import torch
+
+    from dass_train.checkpoint import load_checkpoint
+    from dass_train.config import config_from_dict
+    from dass_train.diagnostics import feature_diagnostics
+    from dass_train.engine import build_model
+
+    payload = load_checkpoint(ckpt)
+    cfg = config_from_dict(payload["meta"]["config"])
+    model = build_model(cfg, torch.device("cpu"))
+    model.load_state_dict(payload["model"])
+    return feature_diagnostics(model, cfg, payload["meta"]["normalization"], torch.device("cpu"))
 
 
 def _iters(args: argparse.Namespace, stage_name: str) -> str:
@@ -133,106 +218,207 @@ def _iters(args: argparse.Namespace, stage_name: str) -> str:
     return str(cfg.stages.source_only_iters if stage_name == "source_only" else cfg.stages.adapt_iters)
 
 
-def write_results(
-    out: Path,
-    command: str,
-    seed: int,
-    source: dict,
-    oracle: dict,
-    rows: list[dict],
-    stats: dict,
-    minutes: float,
-    adabn: float,
-) -> None:
-    from dass_train.config import build_config
+# ---------------------------------------------------------------------------------------------------- summary
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return float("nan"), float("nan")
+    m = sum(vals) / len(vals)
+    s = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return m, s
+
+
+def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    m, s = _mean_std(values)
+    return "n/a" if math.isnan(m) else f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
+
+
+def summarize(out: Path) -> dict | None:
+    seeds = sorted(
+        (json.loads(p.read_text()) for p in (out / "table3_seeds").glob("seed*.json")), key=lambda r: r["seed"]
+    )
+    if not seeds:
+        return None
     from dass_train.labels import CLASS_NAMES
 
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = build_config("synth2real")
-    head = [
-        f"Command: `{command}` (seed {seed}, {minutes:.0f} min in all on this machine)",
-        "",
-        f"Preset synth2real: {cfg.model.backbone} DeepLab-V2 from scratch, {cfg.stages.source_only_iters} source-only "
-        f"+ {cfg.stages.adapt_iters} adaptation iterations, batch {cfg.optim.batch_size}+{cfg.optim.batch_size}, "
-        f"crop {cfg.data.crop[0]}x{cfg.data.crop[1]}; mIoU (19 classes) on the synthetic target val split "
-        f"({cfg.data.synthetic_counts[2]} images at {cfg.data.eval_size[0]}x{cfg.data.eval_size[1]}), last iterate.",
-        "",
-    ]
-    gap = oracle["miou"] - source["miou"]
-    domain = {
-        "command": command,
-        "seed": seed,
-        "source_only": source["miou"],
-        "target_trained": oracle["miou"],
-        "gap": gap,
+    summary = {
+        "seeds": [r["seed"] for r in seeds],
+        "source_only": [r["source_only"]["miou"] for r in seeds],
+        "oracle": [r["oracle"]["miou"] for r in seeds],
+        "adabn": [r["adabn"] for r in seeds],
+        "rows": [{"row": name, "miou": [r["rows"][i]["miou"] for r in seeds]} for i, (name, _) in enumerate(ROWS)],
+        "static_labels": {
+            "accuracy": [r["static_labels"]["accuracy"] for r in seeds],
+            "density": [r["static_labels"]["density"] for r in seeds],
+        },
+        "ratio_source_only_to_oracle": [r["source_only"]["miou"] / r["oracle"]["miou"] for r in seeds],
+        "table4": {
+            key: {
+                "density": [r["table4"][key]["density"] for r in seeds],
+                "accuracy": [r["table4"][key]["accuracy"] for r in seeds],
+            }
+            for key in ("static", "dyn_raw", "dyn_cal", "hybrid")
+        },
+        "diagnostics": {
+            name: {m: [r["diagnostics"][name][m]["mean"] for r in seeds] for m in DIAG}
+            for name in ["source_only", *(n for n, _ in ROWS)]
+        },
+        "commands": sorted({r["command"] for r in seeds}),
+        "machines": [r["machine"] for r in seeds],
     }
-    (out / "domain_gap.json").write_text(json.dumps(domain, indent=1) + "\n")
-    (out / "domain_gap.md").write_text(
-        "\n".join(
-            [
-                "# Domain gap of the synthetic benchmark",
-                "",
-                *head,
-                "| model | target val mIoU |",
-                "|---|---:|",
-                f"| source-only (labels of the game-like domain) | {100 * source['miou']:.2f} |",
-                f"| target-trained (oracle: labels of the camera-like domain) | {100 * oracle['miou']:.2f} |",
-                f"| **gap** | **{100 * gap:.2f}** (required >= 15) |",
-                "",
-            ]
-        )
-    )
+    (out / "table3_seeds.json").write_text(json.dumps(summary, indent=1) + "\n")
 
-    table3 = {"command": command, "seed": seed, "source_only": source["miou"], "source_only_adabn": adabn, "rows": rows}
-    (out / "table3.json").write_text(json.dumps(table3, indent=1) + "\n")
     lines = [
-        "# Table 3 on the synthetic benchmark",
+        "# Table 3 / Table 4 on the synthetic benchmark, over seeds",
         "",
-        *head,
-        "| model | mIoU | vs source-only |",
+        f"Seeds {summary['seeds']}; each seed regenerates the data and retrains everything. Commands: "
+        + "; ".join(f"`{c}`" for c in summary["commands"]),
+        f"Machine(s): {sorted({m['cpu'] + ' (' + ', '.join(m['isa']) + ')' for m in summary['machines']})}.",
+        "mIoU (19 classes, %) on synthetic target val, last iterate, mean ± sample std over seeds.",
+        "",
+        "## Regime of the proxy",
+        "",
+        "| figure | value | required |",
         "|---|---:|---:|",
-        f"| source-only | {100 * source['miou']:.2f} | |",
-        f"| source-only + target BN statistics (AdaBN, no training) | {100 * adabn:.2f} | "
-        f"{100 * (adabn - source['miou']):+.2f} |",
+        f"| static labels (round 0) accuracy, % | {_pm(summary['static_labels']['accuracy'], digits=1)} | >= 90 |",
+        f"| static labels (round 0) density, % | {_pm(summary['static_labels']['density'], digits=1)} | >= 15 |",
+        f"| source-only / target-trained mIoU | {_pm(summary['ratio_source_only_to_oracle'], 1.0, 3)} | 0.45 - 0.70 |",
+        "",
+        "## Table 3",
+        "",
+        "| model | mIoU | vs L_base (paired) | counts? |",
+        "|---|---:|---:|---|",
+        f"| source-only | {_pm(summary['source_only'])} | | |",
+        f"| target-trained (oracle) | {_pm(summary['oracle'])} | | |",
+        f"| source-only + target BN statistics (AdaBN, no training) | {_pm(summary['adabn'])} | | |",
     ]
-    for r in rows:
-        lines.append(f"| {r['row']} | {100 * r['miou']:.2f} | {100 * (r['miou'] - source['miou']):+.2f} |")
+    base = summary["rows"][0]["miou"]
+    base_std = _mean_std(base)[1]
+    for row in summary["rows"]:
+        diffs = [a - b for a, b in zip(row["miou"], base, strict=True)]
+        m, s = _mean_std(diffs)
+        spread = max(base_std, _mean_std(row["miou"])[1])
+        verdict = "" if row is summary["rows"][0] else ("yes" if abs(m) > spread else "no (within seed spread)")
+        rel = "" if row is summary["rows"][0] else f"{100 * m:+.2f} ± {100 * s:.2f}"
+        lines.append(f"| {row['row']} | {_pm(row['miou'])} | {rel} | {verdict} |")
     lines += [
         "",
-        "Every adaptation row trains with domain BN (`model.domain_bn`: source and target batches normalised "
-        "separately, target running statistics), which this from-scratch preset needs; the AdaBN row shows what that "
-        "part alone gives, so the rows below it show what the BiDA terms add (or lose) on top.",
+        "A difference counts only where its mean exceeds the larger seed std of the two rows. "
+        f"Paper (GTA5 -> Cityscapes, ResNet-101): {', '.join(map(str, PAPER_ROWS))}.",
         "",
-        "Paper (GTA5 -> Cityscapes, ResNet-101): 49.5, 51.2, 53.5, 55.3, 57.1 for the five rows.",
+        "Per-class IoU (%), mean over seeds:",
         "",
-        "Per-class IoU (%) of the full model:",
-        "",
-        "| " + " | ".join(CLASS_NAMES) + " |",
-        "|" + "---:|" * len(CLASS_NAMES),
-        "| " + " | ".join("n/a" if v != v else f"{100 * v:.1f}" for v in rows[-1]["iou"]) + " |",
-        "",
+        "| model | " + " | ".join(CLASS_NAMES) + " |",
+        "|---|" + "---:|" * len(CLASS_NAMES),
     ]
-    (out / "table3.md").write_text("\n".join(lines))
 
+    def per_class(name: str, getter) -> str:
+        cols = []
+        for c in range(len(CLASS_NAMES)):
+            m, _ = _mean_std([getter(r)[c] for r in seeds])
+            cols.append("n/a" if math.isnan(m) else f"{100 * m:.1f}")
+        return f"| {name} | " + " | ".join(cols) + " |"
+
+    lines.append(per_class("source-only", lambda r: r["source_only"]["iou"]))
+    lines.append(per_class("oracle", lambda r: r["oracle"]["iou"]))
+    for i, (name, _) in enumerate(ROWS):
+        lines.append(per_class(name, lambda r, i=i: r["rows"][i]["iou"]))
     names = {"static": "Static (CBST)", "dyn_raw": "Dyn. (w/o cal.)", "dyn_cal": "Dyn. (w/ cal.)", "hybrid": "Hybrid"}
-    (out / "table4.json").write_text(json.dumps({"command": command, "seed": seed, "stats": stats}, indent=1) + "\n")
-    lines = [
-        "# Table 4 on the synthetic benchmark",
+    lines += [
         "",
-        *head,
-        "Density = labelled / valid ground-truth pixels, accuracy = correct / labelled, at feature resolution "
-        "(1/8), summed over every adaptation step of the full model (its target crops).",
+        "## Table 4 (full model's adaptation, target-train crops at feature resolution)",
         "",
         "| pseudo labels | density (%) | accuracy (%) |",
         "|---|---:|---:|",
     ]
     for key, label in names.items():
-        s = stats[key]
-        acc = "n/a" if s["accuracy"] is None else f"{100 * s['accuracy']:.1f}"
-        lines.append(f"| {label} | {100 * s['density']:.1f} | {acc} |")
-    lines += ["", "Paper (GTA5 -> Cityscapes): 20.1 / 98.5, 22.2 / 98.6, 34.3 / 98.6, 42.3 / 98.8.", ""]
-    (out / "table4.md").write_text("\n".join(lines))
-    print((out / "domain_gap.md").read_text(), (out / "table3.md").read_text(), (out / "table4.md").read_text())
+        t = summary["table4"][key]
+        lines.append(f"| {label} | {_pm(t['density'], digits=1)} | {_pm(t['accuracy'], digits=1)} |")
+    lines += [
+        "",
+        "Paper (GTA5 -> Cityscapes): 20.1 / 98.5, 22.2 / 98.6, 34.3 / 98.6, 42.3 / 98.8.",
+        "",
+        "## Feature diagnostics (target val, end of training; `dass_train/diagnostics.py`)",
+        "",
+        "own_sim: cosine of target pixels to their class's source prototype; margin: over the best other class; "
+        "spread: within-class 1 - cos to the target class mean (lower = more compact); proto_cos: source vs target "
+        "prototype of the same class. Class means, mean ± std over seeds.",
+        "",
+        "| model | own_sim | margin | spread | proto_cos |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, d in summary["diagnostics"].items():
+        lines.append(f"| {name} | " + " | ".join(_pm(d[m], 1.0, 3) for m in DIAG) + " |")
+    lines.append("")
+    (out / "table3_seeds.md").write_text("\n".join(lines))
+    plot_diagnostics(seeds, out / "table3_seeds")
+    return summary
+
+
+def plot_diagnostics(seeds: list[dict], folder: Path) -> None:
+    """One PNG per Table 3 row: per-class diagnostics of the row against the source-only model (seed mean)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from dass_train.labels import CLASS_NAMES
+
+    def mean_per_class(name: str, metric: str) -> np.ndarray:
+        arr = np.array([r["diagnostics"][name][metric]["per_class"] for r in seeds], dtype=float)
+        seen = np.isfinite(arr).any(axis=0)  # classes absent from target val in every seed stay NaN (no bar)
+        out = np.full(arr.shape[1], np.nan)
+        out[seen] = np.nanmean(arr[:, seen], axis=0)
+        return out
+
+    x = np.arange(len(CLASS_NAMES))
+    for i, (name, _) in enumerate(ROWS):
+        fig, axes = plt.subplots(len(DIAG), 1, figsize=(11, 8), sharex=True)
+        for ax, metric in zip(axes, DIAG, strict=True):
+            ax.bar(x - 0.2, mean_per_class("source_only", metric), 0.4, label="source-only", color="#999999")
+            ax.bar(x + 0.2, mean_per_class(name, metric), 0.4, label=name, color="#1f77b4")
+            ax.set_ylabel(metric)
+            ax.axhline(0, color="black", linewidth=0.5)
+        axes[0].legend(loc="upper right", fontsize=8)
+        axes[-1].set_xticks(x, CLASS_NAMES, rotation=60, ha="right", fontsize=8)
+        fig.suptitle(
+            f"Feature diagnostics on target val: {name} vs source-only (mean of seeds {[r['seed'] for r in seeds]})"
+        )
+        fig.tight_layout()
+        fig.savefig(folder / f"diagnostics_row{i}.png", dpi=80)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="extra config overrides for every run (section.key=value)")
+    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default 0,1,2)")
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time (each gets run.threads=1 when > 1)")
+    p.add_argument("--runs", default=None, help="folder of the run folders (default runs/)")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--summary-only", action="store_true", help="only rebuild the summary from the seed files")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    (out / "table3_seeds").mkdir(parents=True, exist_ok=True)
+    if not args.summary_only:
+        for seed in (int(s) for s in args.seeds.split(",") if s.strip()):
+            seed_file = out / "table3_seeds" / f"seed{seed}.json"
+            if seed_file.is_file():
+                print(f"seed {seed}: done ({seed_file}), skipped")
+                continue
+            words = [*args.overrides, f"--parallel {args.parallel}"]
+            command = (
+                "python benchmarks/synth_tables.py --seeds " + str(seed) + " " + " ".join(shlex.quote(w) for w in words)
+            )
+            result = run_seed(seed, args, command.strip())
+            seed_file.write_text(json.dumps(result, indent=1) + "\n")
+            print(f"seed {seed}: written {seed_file} ({result['minutes']:.0f} min)")
+            summarize(out)
+    summary = summarize(out)
+    if summary is not None:
+        print((out / "table3_seeds.md").read_text())
+    return 0
 
 
 if __name__ == "__main__":
