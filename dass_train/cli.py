@@ -460,7 +460,6 @@ def evaluate_checkpoint(
     help="Class-conditional target shift (road / sidewalk colours), 0..1 [default: data.synthetic_class_shift].",
 )
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Generator processes.")
-@click.option("--overwrite", is_flag=True, help="Replace a synthetic benchmark generated with other settings.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @interruptible("interrupted: the synthetic benchmark is incomplete (no synthetic.json); run the command again")
 def synthesize_command(
@@ -473,13 +472,13 @@ def synthesize_command(
     style_shift: float | None,
     class_shift: float | None,
     workers: int,
-    overwrite: bool,
     progress: bool,
 ) -> int:
     """Generate the embedded synthetic benchmark (GTA5 + Cityscapes layouts) into a folder.
 
-    An identical benchmark already there is reused; one with other settings is only replaced with --overwrite;
-    a folder with real gta5/ or cityscapes/ data and no synthetic.json is never touched.
+    An identical benchmark already there (same synthetic.json settings) is reused, one with other settings is
+    regenerated (as a training run does); a folder with gta5/ or cityscapes/ data but no synthetic.json (a real
+    dataset) is never touched.
 
     \b
       dass-train synthesize --out data/synthetic
@@ -493,17 +492,10 @@ def synthesize_command(
         "data.synthetic_class_shift": class_shift,
     }
     extra = [f"{key}={value}" for key, value in options.items() if value is not None]
-    return synthesize(preset, [*overrides, *extra], out, workers, overwrite, progress)
+    return synthesize(preset, [*overrides, *extra], out, workers, progress)
 
 
-def synthesize(
-    preset: str,
-    overrides: list[str],
-    out: Path | None,
-    workers: int = 1,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> int:
+def synthesize(preset: str, overrides: list[str], out: Path | None, workers: int = 1, progress: bool = True) -> int:
     from dataclasses import asdict
 
     from dass_train.data.synthetic import ensure_dataset
@@ -512,19 +504,15 @@ def synthesize(
     cfg = build_config(preset, overrides)
     out = Path(out or cfg.data.synthetic_root)
     settings = synthetic_settings(cfg)
-    wanted = asdict(settings)
     recorded = out / "synthetic.json"
-    if recorded.is_file() and not overwrite:
-        try:
-            old = json.loads(recorded.read_text())
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{recorded}: unreadable ({exc}); pass --overwrite to regenerate the benchmark") from None
-        changed = [f"{k} {old.get(k)} -> {v}" for k, v in wanted.items() if old.get(k) != v]
-        if changed:
-            raise UserError(
-                f"{out} holds a synthetic benchmark with other settings ({'; '.join(changed)}); "
-                "pass --overwrite to replace it, or choose another --out"
-            )
+    try:
+        old = json.loads(recorded.read_text()) if recorded.is_file() else None
+    except (OSError, ValueError):
+        old = None  # ensure_dataset names the unreadable file
+    if isinstance(old, dict):
+        changed = [f"{k} {old.get(k)} -> {v}" for k, v in asdict(settings).items() if old.get(k) != v]
+        if changed:  # generated data is a cache of its settings, as when a training run needs other settings
+            print(f"replacing the synthetic benchmark in {out}: settings changed ({'; '.join(changed)})")
     start = time.perf_counter()
     ensure_dataset(out, settings, progress=progress, workers=workers)
     n = settings.n_source + settings.n_target_train + settings.n_target_val

@@ -72,7 +72,7 @@ def test_help_on_every_level_names_its_options():
     expected = {
         "run": ("--stage", "--name", "--init", "--resume", "--exist-ok", "--teacher", "--max-iters"),
         "eval": ("--checkpoint", "--preset", "--flip", "--scales", "--target-bn"),
-        "synthesize": ("--out", "--counts", "--size", "--seed", "--style-shift", "--class-shift", "--overwrite"),
+        "synthesize": ("--out", "--counts", "--size", "--seed", "--style-shift", "--class-shift", "--workers"),
         "presets": (),
         "config": ("PRESET",),
     }
@@ -159,7 +159,7 @@ def test_eval_defaults_to_the_preset_recorded_in_the_checkpoint(synth_root, tmp_
     assert "mIoU" in out and "(synth2real val" in out and "on 2 images" in out
 
 
-def test_synthesize_writes_reuses_and_refuses_to_replace_without_overwrite(tmp_path):
+def test_synthesize_writes_reuses_replaces_and_never_touches_real_data(tmp_path):
     runner = CliRunner()
     out = tmp_path / "syn"
     base = ["synthesize", "--out", str(out), "--counts", "2,1,1", "--size", "64,32", "--no-progress"]
@@ -175,23 +175,24 @@ def test_synthesize_writes_reuses_and_refuses_to_replace_without_overwrite(tmp_p
         0,
     )
     assert len(list((out / "gta5" / "images").glob("*.png"))) == 2
-    first = (out / "gta5" / "images" / "00001.png").read_bytes()
-    # other settings: refused, nothing touched
-    result = runner.invoke(cli, [*base, "--seed", "4"])
-    assert result.exit_code == 2
-    assert result.output.startswith("error: ") and "seed 3 -> 4" in result.output and "--overwrite" in result.output
-    assert json.loads((out / "synthetic.json").read_text())["seed"] == 3
-    assert (out / "gta5" / "images" / "00001.png").read_bytes() == first
-    # with --overwrite: regenerated with the new seed (a different image)
-    result = runner.invoke(cli, [*base, "--seed", "4", "--overwrite"])
+    first = out / "gta5" / "images" / "00001.png"
+    image, mtime = first.read_bytes(), first.stat().st_mtime_ns
+    # same settings: reused, not rewritten
+    result = runner.invoke(cli, [*base, "--seed", "3", "--style-shift", "0.7", "--class-shift", "0"])
+    assert result.exit_code == 0 and "replacing" not in result.output
+    assert first.stat().st_mtime_ns == mtime
+    # other settings: regenerated, and it says why
+    result = runner.invoke(cli, [*base, "--seed", "4", "--style-shift", "0.7", "--class-shift", "0"])
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "synthetic.json").read_text())["seed"] == 4
-    assert (out / "gta5" / "images" / "00001.png").read_bytes() != first
+    assert "replacing the synthetic benchmark" in result.output and "seed 3 -> 4" in result.output
+    assert json.loads((out / "synthetic.json").read_text())["seed"] == 4 and first.read_bytes() != image
     # a folder with real-looking data and no synthetic.json is never overwritten
     real = tmp_path / "real"
     (real / "gta5" / "images").mkdir(parents=True)
-    result = runner.invoke(cli, ["synthesize", "--out", str(real), "--counts", "1,1,1", "--overwrite"])
-    assert result.exit_code == 2 and "refusing to overwrite" in result.output
+    (real / "gta5" / "images" / "mine.png").write_bytes(image)
+    result = runner.invoke(cli, ["synthesize", "--out", str(real), "--counts", "1,1,1", "--no-progress"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and "refusing to overwrite" in result.stderr
+    assert (real / "gta5" / "images" / "mine.png").read_bytes() == image
 
 
 # ----------------------------------------------------------------------------------------------- subprocess
