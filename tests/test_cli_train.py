@@ -228,9 +228,15 @@ def test_truncated_png_in_a_dataloader_worker_is_one_line_naming_the_file(tmp_pa
 
 
 def test_ctrl_c_exits_130_with_one_line_and_an_intact_checkpoint(synth_root, tmp_path):
-    args = tiny(synth_root, tmp_path, stages__source_only_iters=100000, run__ckpt_every=1)
+    args = tiny(synth_root, tmp_path, stages__source_only_iters=100000, run__ckpt_every=1, data__num_workers=1)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    # SIGINT as a terminal delivers it: a suite started in the background (`cmd &`) would make the child ignore it
+
+    def as_in_a_terminal() -> None:
+        # Its own process group, so Ctrl-C reaches the DataLoader worker too (as a terminal sends it to the
+        # foreground group); SIGINT back to default, as a suite started in the background (`cmd &`) ignores it.
+        os.setpgrp()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "dass_train", "synth2real", "--name", "c", "--stage", "source_only", *args],
         cwd=tmp_path,
@@ -238,14 +244,14 @@ def test_ctrl_c_exits_130_with_one_line_and_an_intact_checkpoint(synth_root, tmp
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=as_in_a_terminal,
     )
     last = tmp_path / "c" / "source_only" / "last.pt"
     deadline = time.time() + 120
     while not last.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     assert proc.poll() is None and last.is_file(), "training did not reach its first checkpoint"
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert stderr.splitlines() == ["interrupted: the last checkpoint is intact; continue with --resume"]
