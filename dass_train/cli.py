@@ -123,7 +123,8 @@ class UserFailure(click.ClickException):
     exit_code = 2
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}", err=True)
+        # red on a terminal; click.echo drops the colour codes when stderr is a file or a pipe
+        click.echo(f"{click.style('error:', fg='red', bold=True)} {self.message}", err=True)
 
 
 class Interrupted(click.ClickException):
