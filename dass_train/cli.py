@@ -97,7 +97,7 @@ class TrainGroup(click.Group):
         return list(self.commands)  # the order they are defined in: run, eval, synthesize, presets, config
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+        if args and args[0] not in self.commands and args[0] not in (*ctx.help_option_names, "--version"):
             if args[0].startswith("-") or _is_preset_word(args[0]):
                 args = ["run", *args]
         return super().parse_args(ctx, args)
@@ -153,6 +153,7 @@ def interruptible(message: str) -> Callable:
 
 
 @click.group("dass-train", cls=TrainGroup, context_settings=CONTEXT, help=GROUP_HELP)
+@click.version_option(package_name="dass", prog_name="dass-train", message="%(prog)s %(version)s")
 def cli() -> None:
     pass
 

@@ -67,6 +67,7 @@ def test_help_on_every_level_names_its_options():
     runner = CliRunner()
     top = runner.invoke(cli, ["--help"])
     assert top.exit_code == 0
+    assert runner.invoke(cli, ["--version"]).output.startswith("dass-train 0.")
     for name in SUBCOMMANDS:
         assert f"  {name} " in top.output
     expected = {
