@@ -15,3 +15,22 @@ class CheckpointError(UserError):
 
 class ConfigError(UserError):
     """A configuration value or command-line option is invalid."""
+
+
+def user_message(exc: BaseException) -> str:
+    """The one line a CLI prints for ``exc``.
+
+    A DataLoader worker's exception reaches the main process re-raised by torch as the same type, but with a
+    message of ``Caught DataError in DataLoader worker process 0.\\nOriginal Traceback ...``: the user's line is
+    the last line of that traceback, after the exception's name. Any other message is cut to its first line.
+    """
+    text = str(exc)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        cls = type(exc)
+        for name in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: "):
+            at = text.rfind(name)
+            if at >= 0:
+                text = text[at + len(name) :]
+                break
+    text = text.strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -53,11 +53,31 @@ def _examples(items: Sequence[str]) -> str:
     return "; ".join(items[:_SHOW]) + more
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _encoded(path: str | os.PathLike, what: str) -> np.ndarray:
+    """The file's bytes, refused with a DataError naming it when missing, empty or a PNG cut short.
+
+    A truncated PNG is caught here, before OpenCV sees it: libpng would print its own "libpng error: Read Error"
+    lines to stderr (C code, not silenceable from Python) next to our one-line message.
+    """
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise DataError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if data.size == 0:
+        raise DataError(f"{what} {path} is an empty file")
+    if data[:8].tobytes() == _PNG_SIGNATURE and b"IEND" not in data[-64:].tobytes():
+        raise DataError(f"{what} {path} is truncated (the PNG has no end chunk): copy or regenerate it")
+    return data
+
+
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """Decode an image file -> RGB uint8 ``[H,W,3]``; DataError naming the file when missing or corrupt."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    image = cv2.imdecode(_encoded(path, "image"), cv2.IMREAD_COLOR)
     if image is None:
-        raise DataError(f"cannot read image {path} (missing, truncated or not an image)")
+        raise DataError(f"cannot read image {path} (corrupt or not an image)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -270,9 +290,9 @@ class SynthiaDataset(SegmentationDataset):
         super().__init__(image_dir, images, labels, transforms, seed, keep_raw)
 
     def _decode_label(self, path: Path) -> np.ndarray:
-        ids = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        ids = cv2.imdecode(_encoded(path, "label"), cv2.IMREAD_UNCHANGED)
         if ids is None:
-            raise DataError(f"cannot read label {path} (missing, truncated or not a PNG)")
+            raise DataError(f"cannot read label {path} (corrupt or not a PNG)")
         if ids.ndim == 3:
             # The file stores (R=class, G=instance, B); OpenCV hands channels back as B, G, R(, A): R is index 2.
             ids = ids[:, :, 2]
