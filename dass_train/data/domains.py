@@ -48,13 +48,15 @@ def eval_dataset(cfg: Config, normalization: dict) -> CityscapesDataset:
     return target_dataset(cfg, cfg.data.val_split, tf, with_labels=True)
 
 
-def ensure_synthetic(cfg: Config, progress: bool = True) -> None:
-    """The embedded benchmark is generated on first use (deterministic by seed, reused afterwards)."""
+def ensure_synthetic(cfg: Config, progress: bool | None = None) -> None:
+    """The embedded benchmark is generated on first use (deterministic by seed, reused afterwards).
+    ``progress`` defaults to the run's ``run.progress``."""
     if cfg.data.source != "synthetic":
         return
     from dass_train.data.synthetic import ensure_dataset
 
-    ensure_dataset(cfg.data.synthetic_root, synthetic_settings(cfg))
+    show = cfg.run.progress if progress is None else progress
+    ensure_dataset(cfg.data.synthetic_root, synthetic_settings(cfg), progress=show)
 
 
 def synthetic_settings(cfg: Config) -> SyntheticConfig:
