@@ -97,7 +97,9 @@ def test_demo_reads_gradio_env_vars():
 
     result = CliRunner().invoke(demo_command, [], env={"GRADIO_SERVER_PORT": "99999"})
     assert result.exit_code == 2 and "GRADIO_SERVER_PORT" in result.output
-    ok = CliRunner().invoke(demo_command, ["--port", "7861", "--models", "no/such/folder"], env={"GRADIO_SERVER_PORT": "x"})
+    ok = CliRunner().invoke(
+        demo_command, ["--port", "7861", "--models", "no/such/folder"], env={"GRADIO_SERVER_PORT": "x"}
+    )
     assert ok.exit_code == 2 and "GRADIO_SERVER_PORT" not in ok.output  # the flag wins over a bad env value
     assert "error: no exported models found in no/such/folder" in ok.output
 
