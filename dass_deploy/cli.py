@@ -26,15 +26,7 @@ from dass_deploy.errors import DeployError
 CITYSCAPES_NAME = re.compile(r"([A-Za-z]+_\d{6}_\d{6})")
 RUNS_DIR = Path("runs/segment")
 
-EPILOG = """\b
-Examples:
-  dass-segment street.png
-  dass-segment photos/ --save overlay,labels --legend
-  dass-segment drive.mp4 --backend onnxruntime
-  dass-segment leftImg8bit/val --eval gtFine/val --save labelids
-  dass-segment --benchmark --sizes 512x1024 --repeats 10
-
-Exit status: 0 ok, 1 some inputs failed, 2 usage or setup error, 130 Ctrl-C, 143 SIGTERM."""
+EPILOG = "Exit status: 0 ok, 1 some inputs failed, 2 usage or setup error, 130 Ctrl-C, 143 SIGTERM."
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:
@@ -153,6 +145,14 @@ def segment(ctx: click.Context, **params: object) -> None:
     SOURCE is an image, a folder (searched recursively), a glob ('data/**/*.png'), a video file (mp4, avi, mov,
     mkv), a camera index (0) or a stream URL (rtsp://..., http(s)://...). Outputs go to --out in the input's
     folder layout.
+
+    \b
+    Examples:
+      dass-segment street.png
+      dass-segment photos/ --save overlay,labels --legend
+      dass-segment drive.mp4 --backend onnxruntime
+      dass-segment leftImg8bit/val --eval gtFine/val --save labelids
+      dass-segment --benchmark --sizes 512x1024 --repeats 10
     """
     args = argparse.Namespace(**params)
     args.eval = args.gt_dir

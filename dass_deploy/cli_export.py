@@ -15,15 +15,7 @@ from dass_deploy.cli_common import OK, Signals, fail, finish, run_command
 from dass_deploy.errors import DeployError
 from dass_deploy.repository import check_model_name
 
-EPILOG = """\b
-Examples:
-  dass-export runs/bida/final.pt                              # models/final-fp32, 512x1024, uint8 labels
-  dass-export final.pt --name bida-r101 --dynamic             # any batch / height / width
-  dass-export final.pt --int8 --calib data/cityscapes/leftImg8bit/train/aachen
-  dass-export authors_gta2city.pth --from bida-authors --stem target --output logits
-  dass-export final.pt --trt --fp16                           # needs a CUDA GPU and pip install 'dass[gpu]'
-
-Exit status: 0 ok, 2 usage or setup error (nothing written), 130 Ctrl-C, 143 SIGTERM."""
+EPILOG = "Exit status: 0 ok, 2 usage or setup error (nothing written), 130 Ctrl-C, 143 SIGTERM."
 
 
 def _name_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -110,6 +102,14 @@ def export(**args: object) -> None:
     The folder is <out>/<name>/{config.pbtxt, meta.json, 1/model.onnx[, 1/model.plan]}. The graph takes RGB
     float32 0..255 [N,3,H,W], normalises inside and returns full-resolution class maps. A parity check against
     torch runs before anything is written.
+
+    \b
+    Examples:
+      dass-export runs/bida/final.pt                     # models/final-fp32, 512x1024, uint8 labels
+      dass-export final.pt --name bida-r101 --dynamic    # any batch / height / width
+      dass-export final.pt --int8 --calib data/cityscapes/leftImg8bit/train/aachen
+      dass-export authors_gta2city.pth --from bida-authors --stem target --output logits
+      dass-export final.pt --trt --fp16                  # needs a CUDA GPU and 'dass[gpu]'
     """
     signals = Signals().install()
     quiet = bool(args.pop("quiet"))

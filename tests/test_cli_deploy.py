@@ -253,3 +253,15 @@ def test_int8_gate_accepts_when_int8_keeps_the_mIoU(checkpoint, int8_data, tmp_p
     int8 = json.loads((out / "road" / "meta.json").read_text())["export"]["int8"]
     assert int8["val_images"] == 2 and int8["miou_fp32"] == pytest.approx(100.0)
     assert int8["miou_drop"] <= 1.0 and "mIoU 100.00 -> 100.00 on 2 val images" in stdout
+
+
+def test_cli_reference_lists_every_option():
+    """docs/CLI.md is generated from --help (docs/make_cli_reference.py): every option of the three commands is in it."""
+    from app.app import demo_command
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "CLI.md").read_text()
+    for name, command in (("dass-segment", segment), ("dass-export", export), ("dass-demo", demo_command)):
+        assert f"$ {name} --help" in text
+        for param in command.params:
+            for opt in param.opts if param.param_type_name == "option" else []:
+                assert opt in text, (name, opt)
