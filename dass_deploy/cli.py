@@ -160,21 +160,23 @@ def segment(ctx: click.Context, **params: object) -> None:
         raise click.UsageError("--model and --checkpoint are mutually exclusive: give one")
     if not args.benchmark and not args.sources:
         raise click.UsageError("give at least one SOURCE (or --benchmark)")
-    signals = Signals().install()
     from dass_train.errors import UserError  # torch-free
 
-    try:
-        if args.benchmark:
-            from dass_deploy.benchmark import benchmark_main
+    with Signals() as signals:
+        try:
+            if args.benchmark:
+                from dass_deploy.benchmark import benchmark_main
 
-            argv = (ctx.obj or {}).get("argv", sys.argv[1:])
-            finish(benchmark_main(args, argv))
-        finish(_segment(args, signals))
-    except (DeployError, UserError) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:  # before any input was done (e.g. while the model loads)
-        click.echo("interrupted", err=True)
-        finish(signals.exit_code)
+                argv = (ctx.obj or {}).get("argv", sys.argv[1:])
+                code = benchmark_main(args, argv)
+            else:
+                code = _segment(args, signals)
+        except (DeployError, UserError) as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:  # before any input was done (e.g. while the model loads)
+            click.echo("interrupted", err=True)
+            code = signals.exit_code
+    finish(code)
 
 
 def segment_main(argv: Sequence[str] | None = None) -> int:

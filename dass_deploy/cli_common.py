@@ -50,22 +50,28 @@ def run_command(command: click.Command, argv: Sequence[str] | None, prog_name: s
 
 
 class Signals:
-    """SIGTERM becomes a KeyboardInterrupt, so every Ctrl-C path (close the video, print the summary) also runs for
-    ``kill``; ``exit_code`` then says which of the two it was."""
+    """SIGTERM becomes a KeyboardInterrupt while a command runs, so every Ctrl-C path (close the video, print the
+    summary) also runs for ``kill``; ``exit_code`` then says which of the two it was. A context manager: the previous
+    handler comes back afterwards (a command run inside a test process leaves that process as it was)."""
 
     def __init__(self) -> None:
         self.terminated = False
+        self._previous: object = None
 
-    def install(self) -> Signals:
+    def __enter__(self) -> Signals:
         def on_term(signum: int, frame: object) -> None:
             self.terminated = True
             raise KeyboardInterrupt
 
         try:
-            signal.signal(signal.SIGTERM, on_term)
-        except ValueError:  # not the main thread (e.g. a test runner's worker): nothing to install
-            pass
+            self._previous = signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread (e.g. a server's worker): nothing to install
+            self._previous = None
         return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)  # type: ignore[arg-type]
 
     @property
     def exit_code(self) -> int:

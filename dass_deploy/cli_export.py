@@ -111,19 +111,19 @@ def export(**args: object) -> None:
       dass-export authors_gta2city.pth --from bida-authors --stem target --output logits
       dass-export final.pt --trt --fp16                  # needs a CUDA GPU and 'dass[gpu]'
     """
-    signals = Signals().install()
     quiet = bool(args.pop("quiet"))
-    try:
-        from dass_deploy.export import export_model
-        from dass_train.errors import UserError
-
+    with Signals() as signals:
         try:
-            result = export_model(args.pop("checkpoint"), progress=not quiet, **args)
-        except (DeployError, UserError) as exc:
-            fail(str(exc))
-    except KeyboardInterrupt:
-        click.echo("interrupted (an unfinished export writes nothing)", err=True)
-        finish(signals.exit_code)
+            from dass_deploy.export import export_model
+            from dass_train.errors import UserError
+
+            try:
+                result = export_model(args.pop("checkpoint"), progress=not quiet, **args)
+            except (DeployError, UserError) as exc:
+                fail(str(exc))
+        except KeyboardInterrupt:
+            click.echo("interrupted (an unfinished export writes nothing)", err=True)
+            finish(signals.exit_code)
     click.echo("\n".join(result.summary))
     finish(OK)
 
