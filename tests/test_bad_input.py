@@ -181,7 +181,10 @@ def test_ctrl_c_in_an_image_folder_prints_a_summary(model_dir, tmp_path):
     assert "Traceback" not in stderr and proc.returncode == 130, stderr
     done = int(stdout.split(" image")[0].splitlines()[-1])
     assert 3 <= done < 300 and "(interrupted)" in stdout and f"results in {out}" in stdout
-    assert len(list(out.glob("*_color.png"))) >= done  # every image reported done is on disk
+    # every image reported done has all its outputs, and no image has only some of them (a rerun would stop there)
+    colors = {p.name.removesuffix("_color.png") for p in out.glob("*_color.png")}
+    overlays = {p.name.removesuffix("_overlay.jpg") for p in out.glob("*_overlay.jpg")}
+    assert colors == overlays and len(colors) == done
 
 
 def test_rerun_is_not_blocked_by_a_killed_run(model_dir, tmp_path, capsys):
