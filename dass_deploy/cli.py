@@ -20,7 +20,7 @@ import numpy as np
 import rich_click as click
 
 from dass_deploy.backends import BACKENDS, DEVICES
-from dass_deploy.cli_common import SOME_FAILED, Signals, fail, finish, run_command, signals_deferred
+from dass_deploy.cli_common import SOME_FAILED, Signals, fail, finish, run_command
 from dass_deploy.errors import DeployError
 
 CITYSCAPES_NAME = re.compile(r"([A-Za-z]+_\d{6}_\d{6})")
@@ -294,7 +294,7 @@ def _segment(args: argparse.Namespace, signals: Signals) -> int:
                 continue
             for item, rgb, labels in zip(batch, pixels, seg.predict_batch(pixels), strict=True):
                 try:
-                    with signals_deferred():  # all of an image's outputs, or none
+                    with signals.deferred():  # all of an image's outputs, or none
                         sink.write(item, rgb, labels)
                         images_done += 1
                     if evaluator is not None:

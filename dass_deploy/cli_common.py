@@ -51,44 +51,58 @@ def run_command(command: click.Command, argv: Sequence[str] | None, prog_name: s
 
 
 class Signals:
-    """SIGTERM becomes a KeyboardInterrupt while a command runs, so every Ctrl-C path (close the video, print the
-    summary) also runs for ``kill``; ``exit_code`` then says which of the two it was. A context manager: the previous
-    handler comes back afterwards (a command run inside a test process leaves that process as it was)."""
+    """Ctrl-C and SIGTERM while a command runs: both raise ``KeyboardInterrupt`` in the main thread, so every Ctrl-C
+    path (close the video, print the summary) also runs for ``kill``; ``exit_code`` says which it was (130 / 143).
+
+    A context manager: the previous handlers come back afterwards. ``deferred()`` holds an interrupt back while one
+    input's outputs are written, and raises it right after: Python runs signal handlers in the main thread only,
+    so this holds whichever thread the OS delivered the signal to (a signal mask would not: ONNX Runtime's and
+    the pipeline's threads would still take it).
+    """
 
     def __init__(self) -> None:
         self.terminated = False
-        self._previous: object = None
+        self._previous: dict[int, object] = {}
+        self._deferring = False
+        self._pending = False
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGTERM:
+            self.terminated = True
+        if self._deferring:
+            self._pending = True
+            return
+        raise KeyboardInterrupt
 
     def __enter__(self) -> Signals:
-        def on_term(signum: int, frame: object) -> None:
-            self.terminated = True
-            raise KeyboardInterrupt
-
-        try:
-            self._previous = signal.signal(signal.SIGTERM, on_term)
-        except ValueError:  # not the main thread (e.g. a server's worker): nothing to install
-            self._previous = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            current = signal.getsignal(sig)
+            if sig == signal.SIGINT and current is not signal.default_int_handler:
+                continue  # ignored (started in the background with `&`) or the caller's own: leave it
+            try:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread (e.g. a server's worker): nothing to install
+                break
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)  # type: ignore[arg-type]
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold Ctrl-C / SIGTERM back inside the block (all of an image's outputs, or none: a half-written set
+        would stop a rerun at "exists"); an interrupt that came meanwhile is raised on leaving it."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+            if self._pending:
+                self._pending = False
+                raise KeyboardInterrupt
 
     @property
     def exit_code(self) -> int:
         return TERMINATED if self.terminated else INTERRUPTED
-
-
-@contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM back while one input's outputs are written, so an interrupt never leaves some of
-    them on disk and the rest missing (a rerun would then stop at "exists"); delivered right after."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
-        yield
-        return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
