@@ -46,6 +46,7 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "isa": {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile")},
         "platform": platform.platform(),
+        "load_average_1_5_15min_at_start": [round(v, 2) for v in os.getloadavg()],
     }
 
 
@@ -94,6 +95,7 @@ def main() -> int:
     from dass_train.network import deeplab_v2
 
     height, width = parse_size(args.size)
+    host = machine()  # before the run: the load average says how busy the (shared) machine was
     command = "python benchmarks/bench_video.py " + shlex.join(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="dass-bench-video-") as tmp_str:
         tmp = Path(tmp_str)
@@ -135,7 +137,7 @@ def main() -> int:
         "pipeline_fps": round(stats.fps, 2),
         "pipeline_over_model": round(stats.fps / model_fps, 3),
         "threads": args.threads,
-        "machine": machine(),
+        "machine": host,
         "versions": versions(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -145,7 +147,8 @@ def main() -> int:
     md = (
         "# Video pipeline vs model-only rate\n\n"
         f"Command: `{command}`\n\n"
-        f"Machine: {m['cpu_model']}, {m['cores']} cores ({isa}); {m['platform']}\n\n"
+        f"Machine: {m['cpu_model']}, {m['cores']} cores ({isa}); {m['platform']}; load average at start "
+        f"{' / '.join(map(str, m['load_average_1_5_15min_at_start']))} (1 / 5 / 15 min)\n\n"
         f"Versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}\n\n"
         f"Model: {result['model']}; {stats.frames} frames\n\n"
         "| model only (fps, mean of before / after) | decode + infer + overlay + encode (fps) | ratio |\n"
