@@ -7,9 +7,9 @@ runtime produce. Start it with ``dass-demo --models models/`` or ``python app/ap
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import html
+import re
 import shutil
 import sys
 import tempfile
@@ -26,9 +26,11 @@ if __package__ in (None, ""):  # `python app/app.py`: make the repository root i
 import cv2
 import gradio as gr
 import numpy as np
+import rich_click as click
 from PIL import Image, UnidentifiedImageError
 
 from dass_deploy import visualize
+from dass_deploy.cli_common import fail, finish, run_command
 from dass_deploy.errors import DeployError
 from dass_deploy.pipeline import run_video
 from dass_deploy.repository import default_model_dir, list_models
@@ -71,6 +73,8 @@ def read_upload(payload: dict[str, Any] | None) -> np.ndarray | None:
     try:
         with Image.open(path) as probe:  # reads the header only: cheap, and refuses huge images before decoding
             width, height = probe.size
+    except Image.DecompressionBombError as exc:  # Pillow refuses to even open it: report its size ourselves
+        raise gr.Error(_too_large(name, _bomb_pixels(exc)), title="Image too large") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise gr.Error(
             f"'{name}' is not an image this demo can read (PNG, JPEG, BMP, WebP or TIFF); "
@@ -78,15 +82,27 @@ def read_upload(payload: dict[str, Any] | None) -> np.ndarray | None:
             title="Not an image",
         ) from exc
     if width * height > MAX_IMAGE_PIXELS:
-        raise gr.Error(
-            f"'{name}' is {width}x{height} pixels; images up to {MAX_IMAGE_PIXELS // 1_000_000} megapixels are "
-            "accepted here. Please resize it.",
-            title="Image too large",
-        )
+        raise gr.Error(_too_large(name, width * height, f"{width}x{height}"), title="Image too large")
     try:
         return read_image(path)
     except DeployError as exc:  # e.g. a truncated file behind a valid header
         raise gr.Error(f"'{name}' could not be decoded; is the file complete?", title="Not an image") from exc
+
+
+def _bomb_pixels(exc: Exception) -> int | None:
+    """The pixel count in Pillow's DecompressionBombError message ("Image size (N pixels) exceeds ...")."""
+    match = re.search(r"\((\d+) pixels\)", str(exc))
+    return int(match.group(1)) if match else None
+
+
+def _too_large(name: str, pixels: int | None, size: str = "") -> str:
+    """ "image too large (N megapixels, limit M)" with the file's name: Gradio alone would show {"error": null}."""
+    megapixels = f"{pixels / 1e6:.0f} megapixels" if pixels else "too many pixels"
+    size = f", {size}" if size else ""
+    return (
+        f"'{name}': image too large ({megapixels}{size}, limit {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels); "
+        "please resize it."
+    )
 
 
 @dataclass
@@ -582,32 +598,52 @@ def launch(
     return app, local_url
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``dass-demo``: serve the demo until Ctrl+C."""
-    parser = argparse.ArgumentParser(prog="dass-demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for the LAN)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", type=_parse_bool, default=False, help="true: also open a public gradio.live link")
-    parser.add_argument("--models", default="models/", help="model repository (folders written by dass-export)")
-    args = parser.parse_args(argv)
-    models_root = Path(args.models)
-    if not models_root.is_dir() and args.models == "models/" and REPO_MODELS.is_dir():
+@click.command(
+    "dass-demo",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    epilog="Exit status: 0 after Ctrl-C, 2 usage or setup error (e.g. no loadable model in --models).",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="GRADIO_SERVER_NAME",
+    show_envvar=True,
+    help="Interface to listen on (0.0.0.0 for the LAN).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=7860,
+    show_default=True,
+    envvar="GRADIO_SERVER_PORT",
+    show_envvar=True,
+    help="Port to listen on.",
+)
+@click.option("--share", is_flag=True, help="Also open a public gradio.live link.")
+@click.option(
+    "--models",
+    default="models/",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Model repository (folders written by dass-export); broken folders are skipped with a warning.",
+)
+def demo_command(host: str, port: int, share: bool, models: str) -> None:
+    """Serve the web demo: segment street scenes with exported BiDA models, on CPU, in a browser."""
+    models_root = Path(models)
+    if not models_root.is_dir() and models == "models/" and REPO_MODELS.is_dir():
         models_root = REPO_MODELS  # run from elsewhere: fall back to the repository's shipped models
     try:
         demo = build_demo(models_root)
     except DeployError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    launch(demo, models_root, host=args.host, port=args.port, share=args.share, block=True)
-    return 0
+        fail(str(exc))
+    launch(demo, models_root, host=host, port=port, share=share, block=True)
+    finish(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dass-demo``: serve the demo until Ctrl+C; returns the exit status (2: no usable model)."""
+    return run_command(demo_command, argv, "dass-demo")
 
 
 if __name__ == "__main__":

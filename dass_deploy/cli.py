@@ -1,7 +1,8 @@
 """``dass-segment`` (images, folders, globs, videos, cameras, streams; ``--benchmark``) and ``dass-export``.
 
-User mistakes (missing files, bad options, corrupt inputs) never end in a traceback: a bad input is skipped with a
-one-line warning and counted in the summary (exit 1); a bad setup prints ``error: ...`` (exit 2).
+click commands. User mistakes never end in a traceback: a bad option is a usage error (exit 2); a bad input is
+skipped with a one-line warning and counted in the summary (exit 1); a bad setup prints ``error: ...`` (exit 2);
+Ctrl-C prints the summary of what was done (exit 130), SIGTERM likewise (exit 143).
 """
 
 from __future__ import annotations
@@ -11,79 +12,177 @@ import json
 import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
+import rich_click as click
 
 from dass_deploy.backends import BACKENDS, DEVICES
+from dass_deploy.cli_common import SOME_FAILED, Signals, fail, finish, run_command
 from dass_deploy.errors import DeployError
 
 CITYSCAPES_NAME = re.compile(r"([A-Za-z]+_\d{6}_\d{6})")
 RUNS_DIR = Path("runs/segment")
 
+EPILOG = "Exit status: 0 ok, 1 some inputs failed, 2 usage or setup error, 130 Ctrl-C, 143 SIGTERM."
 
-def export_main(argv: list[str] | None = None) -> int:
+
+def export_main(argv: Sequence[str] | None = None) -> int:
     """``dass-export`` lives in ``dass_deploy.cli_export``; imported lazily so ``dass-segment`` never loads torch."""
     from dass_deploy.cli_export import export_main as main
 
     return main(argv)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dass-segment",
-        description="Segment street scenes with an exported dass model (19 Cityscapes classes). SOURCE is an image, "
-        "a folder (searched recursively), a glob ('data/**/*.png'), a video file (mp4, avi, mov, mkv), a camera "
-        "index (0) or a stream URL (rtsp://..., http(s)://...). Outputs go to --out in the input's folder layout.",
-        epilog="examples:\n  dass-segment street.png\n  dass-segment photos/ --save overlay,labels --legend\n"
-        "  dass-segment drive.mp4 --backend onnxruntime\n  dass-segment leftImg8bit/val --eval gtFine/val --save labelids\n"
-        "  dass-segment --benchmark --sizes 512x1024 --repeats 10",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("sources", nargs="*", metavar="SOURCE", help="images, folders, globs, videos, camera index, URLs")
-    m = p.add_mutually_exclusive_group()
-    m.add_argument("--model", help="exported model folder models/<name> (default: models/DEFAULT or $DASS_MODEL)")
-    m.add_argument("--checkpoint", help="training checkpoint (.pt), run with PyTorch instead of an exported model")
-    p.add_argument(
-        "--backend",
-        default="auto",
-        choices=BACKENDS,
-        help="runtime; auto = TensorRT if a plan, the package and a GPU exist, else ONNX Runtime "
-        "(torch for --checkpoint)",
-    )
-    p.add_argument("--device", default="cpu", choices=DEVICES, help="where to run (default: cpu)")
-    p.add_argument("--out", type=Path, help="output folder (default: runs/segment/expN, the next free N)")
-    p.add_argument(
-        "--save",
-        default="overlay,color",
-        help="comma list of outputs per image: overlay (JPEG blend), color (PNG mask), labels (trainId "
-        "PNG), labelids (Cityscapes labelId PNG for the test server); default: overlay,color. "
-        "Videos always get an overlay video",
-    )
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the mask, 0..1 (default 0.5)")
-    p.add_argument("--size", help="run at HxW (e.g. 512x1024); only a dynamic model accepts sizes other than its own")
-    p.add_argument("--batch", type=int, default=1, help="images (or video frames) per inference call (default 1)")
-    p.add_argument("--legend", action="store_true", help="draw a legend of the classes present on overlays")
-    p.add_argument(
-        "--eval",
-        metavar="GT_DIR",
-        type=Path,
-        help="score predictions against *_gtFine_labelIds.png / *_labelTrainIds.png in GT_DIR, matched "
-        "by Cityscapes name (<city>_<seq>_<frame>); prints and saves the mIoU table",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
-    p.add_argument("--threads", type=int, help="CPU threads for the runtime (default: one per physical core)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    b = p.add_argument_group("benchmark (--benchmark; no SOURCE needed)")
-    b.add_argument(
-        "--benchmark",
-        action="store_true",
-        help="time every available backend x precision x size; saves markdown + JSON in benchmarks/results/",
-    )
-    b.add_argument("--sizes", default=None, help="benchmark sizes HxW, comma separated (default: the model's)")
-    b.add_argument("--repeats", type=int, default=20, help="timed runs per configuration (default 20)")
-    return p
+def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Check ``--size HxW`` while parsing, so a typo is a usage error before any model loads."""
+    from dass_deploy.segmenter import parse_size
+
+    if value is not None:
+        try:
+            parse_size(value)
+        except DeployError as exc:
+            raise click.BadParameter(f"{value!r}: " + str(exc).split(": ", 1)[-1]) from None
+    return value
+
+
+def _sizes_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        for part in value.split(","):
+            _size_option(ctx, param, part)
+    return value
+
+
+def _save_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from dass_deploy.sinks import parse_save
+
+    try:
+        parse_save(value)
+    except DeployError as exc:
+        raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
+    return value
+
+
+@click.command(
+    "dass-segment",
+    epilog=EPILOG,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+@click.argument("sources", nargs=-1, metavar="[SOURCE]...")
+@click.option(
+    "--model",
+    type=click.Path(exists=True, file_okay=False),
+    help="Exported model folder models/<name> (default: models/DEFAULT or $DASS_MODEL).",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Training checkpoint (.pt), run with PyTorch instead of an exported model.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="auto",
+    show_default=True,
+    help="Runtime; auto = TensorRT if a plan, the package and a GPU exist, else ONNX Runtime (torch for --checkpoint).",
+)
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True, help="Where to run.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder (default: runs/segment/expN, the next free N).",
+)
+@click.option(
+    "--save",
+    default="overlay,color",
+    show_default=True,
+    callback=_save_option,
+    help="Comma list of outputs per image: overlay (JPEG blend), color (PNG mask), labels (trainId PNG), labelids "
+    "(Cityscapes labelId PNG for the test server). Videos always get an overlay video.",
+)
+@click.option(
+    "--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True, help="Overlay opacity of the mask."
+)
+@click.option(
+    "--size",
+    callback=_size_option,
+    metavar="HxW",
+    help="Run at HxW (e.g. 512x1024); only a dynamic model accepts sizes other than its own.",
+)
+@click.option(
+    "--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images (or frames) per inference call."
+)
+@click.option("--legend", is_flag=True, help="Draw a legend of the classes present on overlays.")
+@click.option(
+    "--eval",
+    "gt_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    metavar="GT_DIR",
+    help="Score predictions against *_gtFine_labelIds.png / *_labelTrainIds.png in GT_DIR, matched by Cityscapes "
+    "name (<city>_<seq>_<frame>); prints and saves the mIoU table.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs in --out.")
+@click.option(
+    "--threads", type=click.IntRange(min=1), help="CPU threads for the runtime (default: one per physical core)."
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option(
+    "--benchmark",
+    is_flag=True,
+    help="Time every available backend x precision x size (no SOURCE needed); saves markdown + JSON in "
+    "benchmarks/results/.",
+)
+@click.option("--sizes", callback=_sizes_option, metavar="HxW,...", help="Benchmark sizes (default: the model's).")
+@click.option(
+    "--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="Benchmark: timed runs per setup."
+)
+@click.pass_context
+def segment(ctx: click.Context, **params: object) -> None:
+    """Segment street scenes with an exported dass model (19 Cityscapes classes).
+
+    SOURCE is an image, a folder (searched recursively), a glob ('data/**/*.png'), a video file (mp4, avi, mov,
+    mkv), a camera index (0) or a stream URL (rtsp://..., http(s)://...). Outputs go to --out in the input's
+    folder layout.
+
+    \b
+    Examples:
+      dass-segment street.png
+      dass-segment photos/ --save overlay,labels --legend
+      dass-segment drive.mp4 --backend onnxruntime
+      dass-segment leftImg8bit/val --eval gtFine/val --save labelids
+      dass-segment --benchmark --sizes 512x1024 --repeats 10
+    """
+    args = argparse.Namespace(**params)
+    args.eval = args.gt_dir
+    if args.model and args.checkpoint:
+        raise click.UsageError("--model and --checkpoint are mutually exclusive: give one")
+    if not args.benchmark and not args.sources:
+        raise click.UsageError("give at least one SOURCE (or --benchmark)")
+    from dass_train.errors import UserError  # torch-free
+
+    with Signals() as signals:
+        try:
+            if args.benchmark:
+                from dass_deploy.benchmark import benchmark_main
+
+                argv = (ctx.obj or {}).get("argv", sys.argv[1:])
+                code = benchmark_main(args, argv)
+            else:
+                code = _segment(args, signals)
+        except (DeployError, UserError) as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:  # before any input was done (e.g. while the model loads)
+            click.echo("interrupted", err=True)
+            code = signals.exit_code
+    finish(code)
+
+
+def segment_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dass-segment``; returns the exit status (0 ok, 1 some inputs failed, 2 setup error, 130
+    Ctrl-C, 143 SIGTERM). ``--help`` and usage errors exit like argparse did (``SystemExit``)."""
+    return run_command(segment, argv, "dass-segment")
 
 
 def next_run_dir(root: Path = RUNS_DIR) -> Path:
@@ -148,31 +247,7 @@ class Evaluator:
         return f"eval on {len(self.matched)} image(s):\n" + format_table(result, class_names)
 
 
-def segment_main(argv: list[str] | None = None) -> int:
-    """Entry point of ``dass-segment``; returns the exit status (0 ok, 1 some inputs failed, 2 setup error,
-    130 interrupted by Ctrl-C)."""
-    args = build_parser().parse_args(argv)
-    try:
-        if args.benchmark:
-            from dass_deploy.benchmark import benchmark_main
-
-            return benchmark_main(args, argv if argv is not None else sys.argv[1:])
-        if not args.sources:
-            build_parser().error("give at least one SOURCE (or --benchmark)")
-        return _segment(args)
-    except DeployError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        from dass_train.errors import UserError  # torch-free
-
-        if isinstance(exc, UserError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
-
-
-def _segment(args: argparse.Namespace) -> int:
+def _segment(args: argparse.Namespace, signals: Signals) -> int:
     from tqdm import tqdm
 
     from dass_deploy.pipeline import run_video
@@ -181,8 +256,6 @@ def _segment(args: argparse.Namespace) -> int:
     from dass_deploy.sources import collect_sources, open_video, read_image
 
     save = parse_save(args.save)
-    if args.batch < 1:
-        raise DeployError(f"--batch {args.batch}: must be >= 1")
     found = collect_sources(args.sources)
     failures = list(found.failures)
     for line in failures:
@@ -202,38 +275,43 @@ def _segment(args: argparse.Namespace) -> int:
     size = f"{seg.size[0]}x{seg.size[1]}" if seg.size else "native size"
     print(f"model {seg.meta.get('name', '?')} on {seg.backend_name} ({args.device}, {size}) -> {out_dir}")
 
-    images_done = 0
+    images_done, interrupted = 0, False
     sink = ImageSink(out_dir, save, renderer, overwrite=args.overwrite)
     bar = tqdm(total=len(found.images), desc="images", unit="img", disable=args.quiet or not found.images)
-    for i in range(0, len(found.images), args.batch):
-        batch, pixels = [], []
-        for item in found.images[i : i + args.batch]:
-            try:
-                sink.check(item)
-                pixels.append(read_image(item.path))
-                batch.append(item)
-            except DeployError as exc:
-                failures.append(str(exc))
-                bar.write(f"warning: {exc}", file=sys.stderr)
+    try:
+        for i in range(0, len(found.images), args.batch):
+            batch, pixels = [], []
+            for item in found.images[i : i + args.batch]:
+                try:
+                    sink.check(item)
+                    pixels.append(read_image(item.path))
+                    batch.append(item)
+                except DeployError as exc:
+                    failures.append(str(exc))
+                    bar.write(f"warning: {exc}", file=sys.stderr)
+                    bar.update(1)
+            if not batch:
+                continue
+            for item, rgb, labels in zip(batch, pixels, seg.predict_batch(pixels), strict=True):
+                try:
+                    with signals.deferred():  # all of an image's outputs, or none
+                        sink.write(item, rgb, labels)
+                        images_done += 1
+                    if evaluator is not None:
+                        evaluator.add(item.path, labels)
+                except DeployError as exc:
+                    failures.append(str(exc))
+                    bar.write(f"warning: {exc}", file=sys.stderr)
                 bar.update(1)
-        if not batch:
-            continue
-        for item, rgb, labels in zip(batch, pixels, seg.predict_batch(pixels), strict=True):
-            try:
-                sink.write(item, rgb, labels)
-                if evaluator is not None:
-                    evaluator.add(item.path, labels)
-                images_done += 1
-            except DeployError as exc:
-                failures.append(str(exc))
-                bar.write(f"warning: {exc}", file=sys.stderr)
-            bar.update(1)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what is written, report it, skip the rest
+        interrupted = True
     bar.close()
 
-    videos_done, frames_done, interrupted = 0, 0, False
-    if found.videos:
+    videos_done, frames_done = 0, 0
+    if found.videos and not interrupted:
         print("note: audio, if any, is not copied to the output videos")
-    for item in found.videos:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # VideoSink reports write failures itself
+    for item in found.videos if not interrupted else []:
         suffix = ".avi" if str(item.source).lower().endswith(".avi") else ".mp4"
         target = out_dir / f"{item.name}_overlay{suffix}"
         try:
@@ -252,7 +330,6 @@ def _segment(args: argparse.Namespace) -> int:
                 desc=str(item.name),
             )
             if stats.frames == 0:
-                target.unlink(missing_ok=True)
                 raise DeployError(f"{item.source}: no frame could be decoded")
             videos_done += 1
             frames_done += stats.frames
@@ -262,6 +339,9 @@ def _segment(args: argparse.Namespace) -> int:
         except DeployError as exc:
             failures.append(str(exc))
             _warn(str(exc))
+        except KeyboardInterrupt:  # between videos, or while one opens
+            interrupted = True
+            break
 
     seconds = time.perf_counter() - start
     parts = [f"{images_done} image{'s' * (images_done != 1)}"]
@@ -280,7 +360,7 @@ def _segment(args: argparse.Namespace) -> int:
             _warn(failures[-1])
     print(summary)
     print(f"results in {out_dir}")
-    return 130 if interrupted else 1 if failures else 0
+    return signals.exit_code if interrupted else SOME_FAILED if failures else 0
 
 
 def main() -> None:

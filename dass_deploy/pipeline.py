@@ -1,8 +1,9 @@
 """Decode -> infer -> encode as three threads joined by bounded queues.
 
 OpenCV's decoder/encoder and the runtimes release the GIL, so the three stages overlap and the model sets the pace.
-Bounded queues keep memory flat when one stage is slower. Ctrl-C stops the decoder only; the frames already
-decoded are segmented and written, then the writer is closed, so the file plays with every frame done.
+Bounded queues keep memory flat when one stage is slower. Ctrl-C (and SIGTERM, which the CLI turns into one) stops
+the decoder only; the frames already decoded are segmented and written, then the writer is closed and the file moved
+to its real name, so it plays with every frame done.
 """
 
 from __future__ import annotations
@@ -103,7 +104,10 @@ def run_video(
             while segmented.get() is not _END:
                 pass
         finally:
-            sink.close()
+            try:  # a failed run leaves no file; an interrupted one keeps every frame written (see VideoSink)
+                sink.close(keep=not errors)
+            except BaseException as exc:
+                errors.append(exc)
             finished.set()
 
     threads = [threading.Thread(target=f, name=f"dass-{f.__name__}", daemon=True) for f in (decode, infer, encode)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from dass_deploy.errors import DeployError
+from dass_deploy.meta_schema import validate_meta
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO_ROOT / "models"
 VERSION = "1"  # the one Triton model version we write
 ONNX_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
+
+#: A model name is a folder name and a quoted string in config.pbtxt: letters, digits, ``_ . -``, no leading dot.
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 #: numpy dtype name -> Triton ``data_type``.
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8", "int64": "TYPE_INT64"}
@@ -56,9 +61,9 @@ def load_model_dir(path: str | os.PathLike) -> ModelInfo:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DeployError(f"{meta_path}: not valid JSON ({e})") from None
-    for key in ("num_classes", "class_names", "palette", "input"):
-        if key not in meta:
-            raise DeployError(f"{meta_path}: missing field {key!r}")
+    except OSError as e:
+        raise DeployError(f"{meta_path}: cannot read ({e.strerror or e})") from None
+    validate_meta(meta, meta_path)
     onnx_path, plan_path = path / VERSION / ONNX_FILE, path / VERSION / PLAN_FILE
     onnx_path = onnx_path if onnx_path.is_file() else None
     plan_path = plan_path if plan_path.is_file() else None
@@ -81,7 +86,11 @@ def load_model_dir(path: str | os.PathLike) -> ModelInfo:
 
 
 def list_models(root: str | os.PathLike = MODELS_DIR) -> list[ModelInfo]:
-    """Every loadable model folder under ``root``, sorted by name; half-written or foreign folders are skipped."""
+    """Every loadable model folder under ``root``, sorted by name.
+
+    A folder with a broken ``meta.json`` or no model file is skipped with a one-line warning on stderr, so one bad
+    folder never keeps the demo (or a listing) from using the good ones; hidden folders (half-written exports) and
+    folders without ``meta.json`` are skipped silently."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -90,8 +99,8 @@ def list_models(root: str | os.PathLike = MODELS_DIR) -> list[ModelInfo]:
         if child.is_dir() and not child.name.startswith(".") and (child / "meta.json").is_file():
             try:
                 found.append(load_model_dir(child))
-            except DeployError:
-                continue
+            except DeployError as exc:
+                print(f"warning: skipped model folder {child.name}: {exc}", file=sys.stderr)
     return found
 
 
@@ -127,6 +136,18 @@ class ModelRepository:
         return load_model_dir(Path(env) if env else default_model_dir(self.path))
 
 
+def check_model_name(name: str) -> str:
+    """Return ``name`` if Triton and a file system both take it as a model name; else a one-line ``DeployError``.
+
+    The name goes between quotes in ``config.pbtxt``: a quote or a backslash would break the file, a slash or a
+    leading dot the repository layout."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        raise DeployError(
+            f"model name {name!r}: use letters, digits, '_', '.' and '-' only (at most 128, no leading dot or '-')"
+        )
+    return name
+
+
 def _dims(values: Sequence[int]) -> str:
     return "[ " + ", ".join(str(int(v)) for v in values) + " ]"
 
@@ -149,6 +170,7 @@ def write_triton_config(
     With ``max_batch_size > 0`` Triton adds the batch dimension itself, so ``input_dims`` / ``output_dims`` leave
     it out; with ``max_batch_size == 0`` they are the full shapes. ``-1`` marks a variable dimension.
     """
+    check_model_name(name)
     if platform not in ("onnxruntime_onnx", "tensorrt_plan"):
         raise ValueError(f"unsupported Triton platform {platform!r}")
     lines = [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {int(max_batch_size)}"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -88,21 +90,65 @@ def fourcc_for(path: Path) -> str:
 
 
 class VideoSink:
-    """An OpenCV writer that keeps the input's fps and size; takes RGB frames."""
+    """An OpenCV writer that keeps the input's fps and size; takes RGB frames.
+
+    It writes to ``<stem>.partial<suffix>`` beside the target and renames on ``close``, so an interrupted or failed
+    run never leaves a half-written file under the real name (a rerun is not blocked by it). ``VideoWriter.write``
+    reports nothing, so a full disk is caught by watching the file grow and the free space, and ``close`` checks
+    that the file opens again with the frames written.
+    """
+
+    #: how often (in frames) the file size and free space are looked at
+    CHECK_EVERY = 16
+    #: below this much free space, a file that stopped growing means the disk is full
+    MIN_FREE_BYTES = 1 << 20
 
     def __init__(self, path: Path, fps: float, width: int, height: int):
         self.path = Path(path)
+        self.partial = self.path.with_name(f"{self.path.stem}.partial{self.path.suffix}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.partial.unlink(missing_ok=True)  # left by a run that was killed; ours to replace
         self.writer = cv2.VideoWriter(
-            str(self.path), cv2.VideoWriter_fourcc(*fourcc_for(self.path)), fps, (width, height)
+            str(self.partial), cv2.VideoWriter_fourcc(*fourcc_for(self.path)), fps, (width, height)
         )
         if not self.writer.isOpened():
+            self.partial.unlink(missing_ok=True)
             raise DeployError(f"{self.path}: cannot open a video writer ({fourcc_for(self.path)})")
         self.frames = 0
+        self._last_size = -1
+        self._closed = False
 
     def write(self, rgb: np.ndarray) -> None:
         self.writer.write(_bgr(rgb))
         self.frames += 1
+        if self.frames % self.CHECK_EVERY == 0:
+            self._check_space()
 
-    def close(self) -> None:
+    def _check_space(self) -> None:
+        size = self.partial.stat().st_size if self.partial.exists() else 0
+        free = shutil.disk_usage(self.partial.parent).free
+        if size <= self._last_size and free < self.MIN_FREE_BYTES:
+            raise DeployError(f"{self.path}: disk full after {self.frames} frames ({free} bytes free)")
+        self._last_size = size
+
+    def close(self, keep: bool = True) -> None:
+        """Finish the file and move it to its real name (``keep=False``: delete it); a file that does not open
+        again, or holds fewer frames than written, is deleted and reported."""
+        if self._closed:
+            return
+        self._closed = True
         self.writer.release()
+        if not keep or self.frames == 0:
+            self.partial.unlink(missing_ok=True)
+            return
+        cap = cv2.VideoCapture(str(self.partial))
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+        cap.release()
+        if count < self.frames:
+            free = shutil.disk_usage(self.partial.parent).free
+            self.partial.unlink(missing_ok=True)
+            raise DeployError(
+                f"{self.path}: the video could not be written completely ({count} of {self.frames} frames readable, "
+                f"{free} bytes free on the disk)"
+            )
+        os.replace(self.partial, self.path)

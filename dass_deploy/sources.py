@@ -7,6 +7,7 @@ SOURCE that cannot be used becomes a one-line failure instead of an exception.
 from __future__ import annotations
 
 import glob
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,19 +110,32 @@ def _add_file(found: Sources, file: Path, rel: Path, explicit: bool = False) -> 
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """An image file -> RGB ``uint8 [H,W,3]``; corrupt or truncated files raise a one-line ``DeployError``.
+    """An image file -> RGB ``uint8 [H,W,3]``; unreadable files raise a one-line ``DeployError`` naming them.
 
-    Pillow rather than OpenCV: it raises on truncated files instead of printing libpng noise and returning None.
+    Pillow rather than OpenCV: it raises on truncated files instead of printing libpng noise and returning None, and
+    it refuses decompression bombs (a header claiming e.g. 30000x30000) before allocating anything.
     """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            return np.asarray(img.convert("RGB"))
+        with warnings.catch_warnings():
+            # between Pillow's warning and error limits the user asked for a big image: decode it without noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return np.asarray(img.convert("RGB"))
     except FileNotFoundError:
         raise DeployError(f"{path}: not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except IsADirectoryError:
+        raise DeployError(f"{path}: is a folder, not an image") from None
+    except Image.DecompressionBombError as exc:
+        match = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(match.group(1)) / 1e6:.0f} megapixels" if match else "too many pixels"
+        limit = f"{2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f}"
+        raise DeployError(f"{path}: image too large ({pixels}, limit {limit} megapixels); not decoded") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DeployError(
             f"{path}: cannot read image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
         ) from None

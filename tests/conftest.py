@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-#: ``../shared/samples/cityscapes`` beside the checkout (CI lays shared/ there too); DASS_SAMPLES overrides.
-SAMPLES = Path(os.environ.get("DASS_SAMPLES", REPO.parent / "shared" / "samples" / "cityscapes"))
+#: Real Cityscapes samples shipped in the repository (362 KB), so a bare clone runs every test; DASS_SAMPLES overrides.
+SAMPLES = Path(os.environ.get("DASS_SAMPLES", REPO / "tests" / "data" / "cityscapes"))
 EXPORT_SIZE = (128, 256)
 
 
@@ -51,3 +51,22 @@ def model_dir(checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models")
     result = export_model(checkpoint, out=out, name="r18", height=EXPORT_SIZE[0], width=EXPORT_SIZE[1], progress=False)
     return Path(result.model_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def every_config_pbtxt_parses_as_triton_config(tmp_path_factory):
+    """After the session: every ``config.pbtxt`` any test wrote (exports, copies, hand-written cases) must parse
+    with Triton's own ``ModelConfig`` protobuf schema, as Triton's model loader would parse it."""
+    yield
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:  # the test extra is not installed: tests/test_triton_config.py reports the skip
+        return
+    bad = []
+    for path in sorted(tmp_path_factory.getbasetemp().rglob("config.pbtxt")):
+        try:
+            text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        except (text_format.ParseError, UnicodeDecodeError) as exc:
+            bad.append(f"{path}: {exc}")
+    assert not bad, "config.pbtxt that Triton would refuse:\n" + "\n".join(bad)

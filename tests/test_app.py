@@ -220,3 +220,74 @@ def test_main_reports_an_empty_model_folder(tmp_path: Path, capsys: pytest.Captu
 
     assert main(["--models", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width x height`` with almost no pixel data: how a decompression bomb starts."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+    return path
+
+
+@pytest.mark.parametrize(
+    "width, height, needle",
+    [
+        (30000, 30000, "image too large (900 megapixels, limit 17 megapixels)"),  # Pillow refuses to open it
+        (5000, 5000, "image too large (25 megapixels, 5000x5000, limit 17 megapixels)"),  # over the demo's limit
+    ],
+)
+def test_too_many_pixels_gives_the_demo_s_own_message(client, tmp_path: Path, width, height, needle) -> None:
+    big = _png_header_only(tmp_path / "huge.png", width, height)
+    with pytest.raises(gradio_client.exceptions.AppError) as info:
+        _segment(client, big)
+    assert f"'huge.png': {needle}" in str(info.value)
+
+
+def test_image_just_under_the_limit_is_segmented(client, tmp_path: Path) -> None:
+    from app.app import MAX_IMAGE_PIXELS
+
+    side = int(MAX_IMAGE_PIXELS**0.5)
+    path = tmp_path / "big_ok.png"
+    Image.new("RGB", (side, side), (90, 90, 90)).save(path)
+    overlay, *_ = _segment(client, path)
+    assert Image.open(overlay).size == (side, side)
+
+
+def test_video_is_cut_at_the_frame_limit(client, tmp_path: Path, monkeypatch) -> None:
+    import cv2
+
+    import app.app as demo_module
+
+    monkeypatch.setattr(demo_module, "MAX_VIDEO_FRAMES", 4)  # the server runs in this process: same module
+    src = tmp_path / "long.mp4"
+    writer = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (256, 128))
+    frame = np.asarray(Image.open(FRANKFURT).convert("RGB"))[..., ::-1]
+    for shift in range(9):
+        writer.write(np.ascontiguousarray(np.roll(frame, 8 * shift, axis=1)))
+    writer.release()
+    _, latency, (download,) = client.predict(
+        gradio_client.handle_file(str(src)), "tiny_bida", "auto", 0.5, api_name="/segment_video"
+    )
+    assert "4 frames" in latency
+    cap = cv2.VideoCapture(download)
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+    cap.release()
+
+
+def test_demo_lists_good_models_beside_a_broken_folder(models_root: Path, tmp_path: Path, capsys) -> None:
+    from app.app import build_demo, discover_models
+
+    root = tmp_path / "models"
+    shutil.copytree(models_root / "tiny_bida", root / "tiny_bida")
+    (root / "broken").mkdir()
+    (root / "broken" / "meta.json").write_text('{"num_classes": 19}')
+    assert list(discover_models(root)) == ["tiny_bida"]
+    build_demo(root).close()
+    err = capsys.readouterr().err
+    assert "warning: skipped model folder broken" in err and "field 'class_names' is missing" in err

@@ -114,17 +114,41 @@ def test_no_overwrite_and_default_run_dirs(model_dir, tmp_path, monkeypatch, cap
 
 
 def test_setup_errors_are_one_line(model_dir, tmp_path, capsys):  # noqa: F811
+    """A problem found after parsing (here a model folder whose meta.json is not JSON) is one ``error:`` line."""
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "meta.json").write_text("{not json")
     image = str(SAMPLES / f"{FRANKFURT}_leftImg8bit.png")
-    cases = [
-        ([image, "--model", str(tmp_path / "nope")], "model"),
-        ([image, "--model", str(model_dir), "--size", "100x7"], "--size"),
-        ([image, "--model", str(model_dir), "--save", "overlay,nonsense"], "--save"),
-        ([image, "--model", str(model_dir), "--eval", str(tmp_path / "nogt")], "--eval"),
-    ]
-    for argv, word in cases:
-        assert segment_main(argv + ["--out", str(tmp_path / "o")]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and word in err and len(err.strip().splitlines()) == 1, err
+    assert segment_main([image, "--model", str(broken), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "meta.json" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, option",
+    [
+        (["--model", "nope"], "'--model'"),
+        (["--size", "100x7"], "'--size'"),
+        (["--save", "overlay,nonsense"], "'--save'"),
+        (["--eval", "nogt"], "'--eval'"),
+        (["--alpha", "1.5"], "'--alpha'"),
+        (["--batch", "0"], "'--batch'"),
+        (["--backend", "caffe"], "'--backend'"),
+    ],
+)
+def test_bad_options_are_usage_errors(model_dir, tmp_path, capsys, extra, option):  # noqa: F811
+    """click checks options before any model loads: exit 2, the usage line, and an error naming the option."""
+    image = str(SAMPLES / f"{FRANKFURT}_leftImg8bit.png")
+    argv = [image, "--model", str(model_dir), "--out", str(tmp_path / "o"), *extra]
+    with pytest.raises(SystemExit) as exc:
+        segment_main([str(tmp_path / a) if a in ("nope", "nogt") else a for a in argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Usage: dass-segment" in err and option in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_help(capsys):
     with pytest.raises(SystemExit) as exc:
         segment_main(["--help"])
     assert exc.value.code == 0 and "--benchmark" in capsys.readouterr().out

@@ -77,25 +77,34 @@ def test_avi_in_avi_out(model_dir, tmp_path, capsys):  # noqa: F811
     assert probe(tmp_path / "o" / "cam_overlay.avi")[0] == 12
 
 
-def test_pipeline_throughput_close_to_model_only(model_dir, clip, tmp_path):  # noqa: F811
-    """End to end (decode, infer, overlay, encode) keeps most of the model-only rate (lenient: shared CPUs)."""
+def test_pipeline_keeps_every_frame_in_order(model_dir, clip, tmp_path):  # noqa: F811
+    """The three threads deliver every frame once, in decode order, into a playable file (no speed asserted: the
+    pipeline/model rate is measured by ``benchmarks/bench_video.py``)."""
     from dass_deploy.pipeline import run_video
     from dass_deploy.segmenter import Segmenter
     from dass_deploy.sinks import Renderer, VideoSink
     from dass_deploy.sources import VideoItem, open_video
 
     seg = Segmenter(model_dir)
-    x = np.random.default_rng(0).uniform(0, 255, (1, 3, H, W)).astype(np.float32)
-    seg.backend.predict(x)
-    t0 = time.perf_counter()
-    for _ in range(36):
-        seg.backend.predict(x)
-    model_fps = 36 / (time.perf_counter() - t0)
     capture, info = open_video(VideoItem(str(clip), "drive", "video"))
     sink = VideoSink(tmp_path / "e2e.mp4", info.fps, info.width, info.height)
-    stats = run_video(seg, capture, sink, Renderer(seg.class_names, seg.palette), total=info.frames, progress=False)
-    assert stats.frames == 36 and not stats.interrupted
-    assert stats.fps >= 0.5 * model_fps, f"pipeline {stats.fps:.1f} fps vs model {model_fps:.1f} fps"
+    render = Renderer(seg.class_names, seg.palette, alpha=0.3)
+    stats = run_video(seg, capture, sink, render, total=info.frames, batch=4, queue_size=2, progress=False)
+    assert stats.frames == 36 and not stats.interrupted and stats.seconds > 0
+
+    def frames(path: Path) -> np.ndarray:
+        cap = cv2.VideoCapture(str(path))
+        out = []
+        while (item := cap.read())[0]:
+            out.append(item[1].astype(np.float32))
+        cap.release()
+        return np.stack(out)
+
+    inputs, outputs = frames(clip), frames(tmp_path / "e2e.mp4")
+    assert len(outputs) == len(inputs) == 36
+    # each output frame is closest to the input frame of the same index: none lost, repeated or swapped
+    distance = np.abs(outputs[:, None] - inputs[None]).mean(axis=(2, 3, 4))
+    np.testing.assert_array_equal(distance.argmin(axis=1), np.arange(36))
 
 
 def test_sigint_closes_the_file_cleanly(model_dir, tmp_path):  # noqa: F811
