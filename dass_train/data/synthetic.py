@@ -69,9 +69,9 @@ class SyntheticConfig:
     n_target_val: int = 100
     seed: int = 0
     #: Strength of the global shift: 0 = target keeps the source palette (only camera effects, weakened), 1 = full
-    #: target palette and effects. It makes the target *harder* as well as different: the synth2real preset
-    #: (ResNet-18 DeepLab-V2, 1200 iterations, generator v1) scored source-only vs target-trained 24.3 vs 36.5 at 0.6 and 17.7
-    #: vs 29.5 at 0.8, the same gap of ~12 points. ``class_shift`` is what widens the gap.
+    #: target palette and effects. It makes the target *harder* as well as different: with generator v1 the
+    #: synth2real preset (ResNet-18 DeepLab-V2, 1200 iterations) scored source-only vs target-trained 24.3 vs 36.5
+    #: at 0.6 and 17.7 vs 29.5 at 0.8, the same gap of ~12 points.
     style_shift: float = DEFAULT_STYLE_SHIFT
     #: Road/pavement colour swap in [0, 1]: how far the materials of ``_TARGET_MATERIAL_SWAP`` move to their target
     #: city colours. Off by default since version 2: it made the source-only model confidently wrong on a whole
