@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"run.seed={args.seed}", *args.overrides]
     cfg = build_config("synth2real", overrides)
     start = time.perf_counter()
-    ensure_synthetic(cfg)  # once, before parallel runs could race on it
+    ensure_synthetic(cfg, progress=False)  # once, before parallel runs could race on it
     common = [*overrides, f"run.out={runs}", "run.progress=false", "run.val_every=0"]
     if args.parallel > 1:
         common.append("run.threads=1")
