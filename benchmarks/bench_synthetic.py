@@ -30,10 +30,10 @@ def bench_render(n: int, width: int, height: int) -> tuple[float, float, dict[st
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for i in range(n):
         rng = np.random.default_rng([0, i])
-        t0 = time.process_time()
-        scene = S.compose_scene(rng, width, height)
-        t1 = time.process_time()
         style = "source" if i % 2 == 0 else "target"
+        t0 = time.process_time()
+        scene = S.compose_scene(rng, width, height, style)
+        t1 = time.process_time()
         (S.render_source if style == "source" else S.render_target)(scene, rng)
         stage["layout"] += t1 - t0
         stage[style] += time.process_time() - t1
@@ -76,12 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print("\n".join(lines))
     command = "python benchmarks/bench_synthetic.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    sys.path.insert(0, str(Path(__file__).parent))
+    from proxy_regime import machine
+
+    m = machine()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         "# Synthetic dataset generator speed (one core)\n\n"
         f"Command: `{command.strip()}`  \n"
-        f"Machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
-        f"OpenCV threads = 1, {args.images} images per measurement, CPU time of the process "
+        f"Machine: {m['cpu']} ({platform.machine()}), {m['cores']} cores, ISA {', '.join(m['isa']) or 'none'}; "
+        f"{platform.python_implementation()} {m['python']}, numpy {m['numpy']}, OpenCV {m['opencv']}; "
+        f"generator v{S.GENERATOR_VERSION}, OpenCV threads = 1, {args.images} images per measurement, CPU time of the process "
         "(the machine was shared; wall-clock rates in brackets).\n\n"
         "| measurement | images/s (CPU) | images/s (wall) |\n|---|---:|---:|\n"
         f"| render only: layout + one style per image (half source, half target), {size} | {r_cpu:.1f} | {r_wall:.1f} |\n"

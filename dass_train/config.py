@@ -35,7 +35,7 @@ class DataConfig:
     synthetic_size: tuple[int, int] = (512, 256)  # (width, height)
     synthetic_counts: tuple[int, int, int] = (600, 300, 100)  # source, target train, target val
     synthetic_style_shift: float = 0.6  # global domain-gap strength in [0, 1] (see SyntheticConfig.style_shift)
-    synthetic_class_shift: float = 1.0  # class-conditional part in [0, 1] (see SyntheticConfig.class_shift)
+    synthetic_class_shift: float = 0.0  # road/pavement colour swap in [0, 1], off (see SyntheticConfig.class_shift)
     # training transforms: resize shorter side, random scale, random crop (w, h), flip
     resize_short: int | None = 850
     scale: tuple[float, float] = (0.8, 1.2)

@@ -1,11 +1,12 @@
-"""The synthetic GTA5 -> Cityscapes generator: file layouts, label formats, determinism, domain gap, speed."""
+"""The synthetic GTA5 -> Cityscapes generator: file layouts, label formats, determinism, the kinds of domain shift.
+
+Rendering speed is measured by benchmarks/bench_synthetic.py (which records the machine), not asserted here."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-import time
 from pathlib import Path
 
 import cv2
@@ -67,10 +68,11 @@ def test_label_formats(small_root: Path) -> None:
         im = Image.open(path)
         assert im.mode == "L" and im.size == (256, 128)
         train_ids = label_ids_to_train_ids(np.array(im))
-        assert (train_ids != 255).mean() > 0.95  # void is sparse
+        assert 0.85 < (train_ids != 255).mean() < 0.99  # void: the ego-vehicle bonnet, like Cityscapes' frames
+        assert (train_ids[-1, 100:156] == 255).all()  # the bonnet covers the bottom centre
     # the labels are exactly the scene that was rendered: regenerate one image alone from its seed
     rng = S.image_rng(SMALL.seed, "train", 2)
-    expected = S.compose_scene(rng, 256, 128).labels
+    expected = S.compose_scene(rng, 256, 128, "target").labels
     gt = next((small_root / "cityscapes" / "gtFine" / "train").rglob("*_000002_gtFine_labelIds.png"))
     np.testing.assert_array_equal(label_ids_to_train_ids(np.array(Image.open(gt))), expected)
 
@@ -189,21 +191,36 @@ def test_class_conditional_shift_survives_a_global_colour_correction() -> None:
     assert separation(1.0, vegetation, terrain)[1] > 30  # classes outside the swap keep their order
 
 
-def test_render_speed_one_core() -> None:
-    """Layout + one style per image (what ``generate`` does), CPU time of this process: robust to a busy machine."""
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        S.render_source(S.compose_scene(np.random.default_rng(0), 512, 256), np.random.default_rng(0))  # warm-up
-        start = time.process_time()
-        for i in range(40):
-            rng = np.random.default_rng([0, i])
-            scene = S.compose_scene(rng, 512, 256)
-            (S.render_source if i % 2 else S.render_target)(scene, rng)
-        rate = 40 / (time.process_time() - start)
-    finally:
-        cv2.setNumThreads(threads)
-    assert rate >= 50, f"{rate:.1f} images/s"
+def _scene_stats(domain: str, n: int = 60) -> dict[str, np.ndarray]:
+    """Camera and content statistics of ``n`` scenes of one domain (layouts only: no rendering)."""
+    horizon, focal, cam, share = [], [], [], []
+    for i in range(n):
+        scene = S.compose_scene(np.random.default_rng([31, i]), 256, 128, domain)
+        horizon.append(scene.horizon / 128)
+        focal.append(scene.focal / 256)
+        cam.append(scene.cam_height)
+        share.append(np.bincount(scene.labels.ravel(), minlength=256) / scene.labels.size)
+    return {k: np.array(v) for k, v in locals().items() if k in ("horizon", "focal", "cam", "share")}
+
+
+def test_domains_differ_in_camera_object_scale_and_class_frequencies() -> None:
+    """The content part of the shift (``SCENE_PRIORS``): the target's car-mounted camera is lower, with a narrower
+    view (larger objects) and a bonnet at the bottom; its streets hold fewer
+    trucks and buses and more people and trees."""
+    src, tgt = _scene_stats("source"), _scene_stats("target")
+    for stats, prior in ((src, S.SCENE_PRIORS["source"]), (tgt, S.SCENE_PRIORS["target"])):
+        assert prior.horizon[0] - 0.01 <= stats["horizon"].min() and stats["horizon"].max() <= prior.horizon[1] + 0.01
+        assert prior.focal[0] <= stats["focal"].min() and stats["focal"].max() <= prior.focal[1]
+    assert tgt["cam"].max() < src["cam"].min()  # camera geometry: lower camera, no overlap
+    assert tgt["focal"].mean() > 1.2 * src["focal"].mean()  # object scale: same object, larger in the target
+    assert tgt["horizon"].std() < src["horizon"].std()  # one fixed camera vs many game cameras
+    road, building, vegetation, person, rider, truck, bus = 0, 2, 8, 11, 12, 14, 15
+    s, t = src["share"].mean(0), tgt["share"].mean(0)
+    assert t[255] > 0.03 > 0.01 > s[255]  # the bonnet is void, in the target only
+    assert t[person] + t[rider] > 1.5 * (s[person] + s[rider])
+    assert t[vegetation] > 1.2 * s[vegetation]
+    assert s[truck] + s[bus] > 1.5 * (t[truck] + t[bus])
+    assert min(s[road], t[road]) > 0.15 and min(s[building], t[building]) > 0.08  # both still street scenes
 
 
 def test_bad_settings_raise_user_error(tmp_path: Path) -> None:

@@ -19,11 +19,11 @@ SEEDS = (7, 21)
 
 def main() -> None:
     sys.path.insert(0, str(HERE.parents[1]))  # the repository root, when run as a script
-    from dass_train.data.synthetic import render_layout, render_target
+    from dass_train.data.synthetic import compose_scene, render_target
 
     for index, seed in enumerate(SEEDS, start=1):
         rng = np.random.default_rng(seed)
-        layout = render_layout(rng, 512, 256)
+        layout = compose_scene(rng, 512, 256, "target")  # the target's camera and streets, parts and all
         path = HERE / f"synthetic_target_{index}.png"
         Image.fromarray(render_target(layout, rng)).save(path, optimize=True)
         print(f"wrote {path}")

@@ -1,17 +1,19 @@
 """Procedural street scenes in two styles: an embedded stand-in for GTA5 -> Cityscapes.
 
 No real dataset can be downloaded in CI, so the package ships a generator of street scenes labelled with the 19
-Cityscapes train classes. One scene distribution, two renderers:
+Cityscapes train classes. Two domains that differ the ways GTA5 and Cityscapes do (docs/PROXY.md):
 
-* **source** (stands in for GTA5): saturated "game" palette, flat shading, fixed sun, razor-sharp edges;
-* **target** (stands in for Cityscapes): another palette (hue / brightness shifted per class), random illumination
-  and sun side, haze, low-frequency shading, per-material grain, blur, sensor noise and JPEG artefacts; and a
-  class-conditional part: roads and pavements swap their colours (light concrete roads, dark asphalt pavements).
+* **appearance, texture, noise** (the renderers): the source (GTA5 stand-in) has a saturated "game" palette, flat
+  shading, a fixed sun and razor-sharp edges; the target (Cityscapes stand-in) another palette (hue / brightness
+  shifted per class, ``style_shift``), random illumination and sun side, haze, low-frequency shading, per-material
+  grain, blur, sensor noise and JPEG artefacts;
+* **camera geometry, object scale, class frequencies** (the scene priors, ``SCENE_PRIORS``): the target is seen by
+  one low car-mounted camera with a narrower view (larger objects, a steadier horizon) and the ego-vehicle bonnet
+  (void) at the bottom; its streets have fewer trucks and buses, lower buildings, more pedestrians, cyclists,
+  trees and parked cars.
 
-Layout, shape and perspective are shared by both domains, so a source-only model transfers partly (the cues it
-learnt from shape survive) and fails partly (the colour/texture cues do not): the gap that BiDA has to close. The
-global part of the shift is largely undone by re-estimating BatchNorm statistics on target images (AdaBN); the
-class-conditional part is not, which leaves work for self-training.
+The road/pavement colour swap of version 1 (``class_shift``) is off by default: it made the source-only model
+confidently wrong on a whole class, which no self-training can undo and which the real task does not have.
 
 A scene is composed on an *instance map* (``int32 [H,W]``): every polygon is an instance of a *material* (road,
 lane marking, car glass, ...), each material belongs to one trainId. Renderers colour instances from a per-domain
@@ -45,9 +47,9 @@ from PIL import Image
 from dass_train.errors import DataError
 from dass_train.labels import IGNORE_INDEX, LABELS, TRAIN_ID_TO_LABEL_ID
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DEFAULT_STYLE_SHIFT = 0.6
-DEFAULT_CLASS_SHIFT = 1.0
+DEFAULT_CLASS_SHIFT = 0.0
 
 TARGET_CITIES: dict[str, tuple[str, ...]] = {
     "train": ("synthtown", "pixelburg", "rendermouth"),
@@ -67,12 +69,14 @@ class SyntheticConfig:
     n_target_val: int = 100
     seed: int = 0
     #: Strength of the global shift: 0 = target keeps the source palette (only camera effects, weakened), 1 = full
-    #: target palette and effects. It makes the target *harder* as well as different: the synth2real preset
-    #: (ResNet-18 DeepLab-V2, 1200 iterations) scored source-only vs target-trained 24.3 vs 36.5 at 0.6 and 17.7
-    #: vs 29.5 at 0.8, the same gap of ~12 points. ``class_shift`` is what widens the gap.
+    #: target palette and effects. It makes the target *harder* as well as different: with generator v1 the
+    #: synth2real preset (ResNet-18 DeepLab-V2, 1200 iterations) scored source-only vs target-trained 24.3 vs 36.5
+    #: at 0.6 and 17.7 vs 29.5 at 0.8, the same gap of ~12 points.
     style_shift: float = DEFAULT_STYLE_SHIFT
-    #: Class-conditional shift in [0, 1]: how far the materials of ``_TARGET_MATERIAL_SWAP`` move to their target
-    #: city colours (0 = off). Unlike ``style_shift`` it does not make the target harder to learn, only different.
+    #: Road/pavement colour swap in [0, 1]: how far the materials of ``_TARGET_MATERIAL_SWAP`` move to their target
+    #: city colours. Off by default since version 2: it made the source-only model confidently wrong on a whole
+    #: class (pavement read as road), which no self-training can undo and which the real task does not have
+    #: (docs/PROXY.md). The scene priors (``SCENE_PRIORS``) carry the content part of the shift instead.
     class_shift: float = DEFAULT_CLASS_SHIFT
 
 
@@ -125,6 +129,7 @@ _MATERIALS: tuple[tuple[str, int, tuple[int, int, int], float, tuple[int, int, i
     ("bike_frame", 18, (255, 152, 0), 24, (48, 48, 54), 18, 3),
     ("bike_tyre", 18, (30, 30, 30), 5, (28, 28, 30), 5, 3),
     ("static", IGNORE_INDEX, (122, 102, 82), 36, (102, 102, 96), 36, 8),
+    ("ego_hood", IGNORE_INDEX, (40, 40, 46), 6, (34, 36, 42), 8, 3),
 )
 _MAT = {name: i for i, (name, *_rest) in enumerate(_MATERIALS)}
 _MAT_CLASS = np.array([m[1] for m in _MATERIALS], dtype=np.uint8)
@@ -268,6 +273,75 @@ class _Canvas:
 # ---------------------------------------------------------------------------------------------------------------
 # Scene composition
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScenePrior:
+    """What a domain's streets contain and how its camera sees them: the *content* part of the shift.
+
+    GTA5 and Cityscapes differ in more than looks: camera height and field of view (so the horizon row and object
+    scale), the ego-vehicle bonnet Cityscapes keeps in every frame, and class frequencies (GTA5 has more vehicles and
+    taller buildings, Cityscapes more pedestrians, cyclists and trees). Ranges are uniform draws per scene.
+    """
+
+    horizon: tuple[float, float]  # horizon row / image height
+    focal: tuple[float, float]  # focal length / image width (larger = narrower view, larger objects)
+    cam_height: tuple[float, float]  # metres
+    hood: tuple[float, float]  # ego-vehicle bonnet height at the centre / image height (0 = none)
+    vehicle_p: float  # chance that a slot in a lane holds a vehicle
+    bus_p: float  # of those vehicles, buses
+    truck_p: float  # and trucks
+    parking_p: float  # chance of a parking lane
+    pedestrians: int  # at most this many per sidewalk (uniform 0..n-1)
+    tree_p: float  # chance of a row of trees along a sidewalk
+    rider_p: float  # chance of a cyclist / motorcyclist on each road edge side (right; left gets half)
+    building_height: tuple[float, float]  # metres
+
+
+SCENE_PRIORS: dict[str, ScenePrior] = {
+    # game: varied, wide-angle cameras, traffic-heavy streets, few pedestrians, tall buildings
+    "source": ScenePrior(
+        horizon=(0.34, 0.48),
+        focal=(0.8, 1.05),
+        cam_height=(1.5, 2.1),
+        hood=(0.0, 0.0),
+        vehicle_p=0.62,
+        bus_p=0.08,
+        truck_p=0.1,
+        parking_p=0.4,
+        pedestrians=4,
+        tree_p=0.45,
+        rider_p=0.35,
+        building_height=(8.0, 32.0),
+    ),
+    # city: one car-mounted camera (low, narrower view, bonnet at the bottom), pedestrians, cyclists and trees
+    "target": ScenePrior(
+        horizon=(0.4, 0.47),
+        focal=(1.05, 1.3),
+        cam_height=(1.15, 1.4),
+        hood=(0.05, 0.09),
+        vehicle_p=0.45,
+        bus_p=0.04,
+        truck_p=0.05,
+        parking_p=0.65,
+        pedestrians=9,
+        tree_p=0.75,
+        rider_p=0.65,
+        building_height=(9.0, 22.0),
+    ),
+}
+
+
+def _ego_hood(cv: _Canvas, rng: np.random.Generator, height: float) -> None:
+    """The ego-vehicle bonnet (void, like Cityscapes' "ego vehicle"): a flat arc across the bottom rows."""
+    if height <= 0:
+        return
+    xs = np.linspace(-0.1, 1.1, 25) * cv.w
+    centre = cv.w * rng.uniform(0.45, 0.55)
+    bulge = 1 - ((xs - centre) / (0.75 * cv.w)) ** 2  # highest at the centre, down to the corners
+    top = cv.h - height * cv.h * np.clip(bulge, 0.25, 1.0)
+    pts = np.concatenate([np.stack([xs, top], 1), [[xs[-1], cv.h + 1], [xs[0], cv.h + 1]]])
+    cv.poly(pts, cv.new("ego_hood", face=FLAT))
 
 
 def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -728,12 +802,14 @@ def _two_wheeler(cv: _Canvas, rng: np.random.Generator, kind: str, x: float, z: 
         _person(cv, rng, x, z, rider=True, seat=(-facing * 0.2, seat_h))
 
 
-def compose_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
-    """Draw one street scene (instances + camera) from ``rng``; both renderers colour the result."""
-    horizon = height * rng.uniform(0.36, 0.48)
+def compose_scene(rng: np.random.Generator, width: int, height: int, domain: str = "source") -> Scene:
+    """Draw one street scene (instances + camera) from ``rng`` with ``domain``'s scene prior (``SCENE_PRIORS``)."""
+    pr = SCENE_PRIORS[domain]
+    horizon = height * rng.uniform(*pr.horizon)
     vanish_x = width * (0.5 + rng.uniform(-0.08, 0.08))
-    focal = width * rng.uniform(0.9, 1.2)
-    cam_h = rng.uniform(1.4, 1.8)
+    focal = width * rng.uniform(*pr.focal)
+    cam_h = rng.uniform(*pr.cam_height)
+    hood = rng.uniform(*pr.hood)
     cv = _Canvas(height, width, horizon, vanish_x, focal, cam_h)
     z_bottom = focal * cam_h / (height - horizon)  # ground depth at the bottom row
     z_near, z_far, z_end = max(1.0, 0.35 * z_bottom), 3000.0, rng.uniform(90, 220)
@@ -743,7 +819,7 @@ def compose_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
     ego_lane = int(rng.integers(n_lanes))
     road_l = (ego_lane + 0.5) * lane_w + rng.uniform(-0.4, 0.4)
     road_r = n_lanes * lane_w - road_l
-    parking = rng.random() < 0.5  # a parking lane widens the road on one side
+    parking = rng.random() < pr.parking_p  # a parking lane widens the road on one side
     if parking:
         road_r += 2.2
     sw_l, sw_r = rng.uniform(2.0, 4.5), rng.uniform(2.0, 4.5)
@@ -786,7 +862,7 @@ def compose_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
             kind = rng.choice(["building", "building", "building", "vegetation", "gap"], p=[0.3, 0.3, 0.2, 0.12, 0.08])
             x_f = x_base + rng.uniform(0, 2.5)
             if kind == "building":
-                _facade(cv, rng, side, x_f, z1, z2, rng.uniform(7, 28), "building")
+                _facade(cv, rng, side, x_f, z1, z2, rng.uniform(*pr.building_height), "building")
             elif kind == "vegetation":
                 _facade(cv, rng, side, x_f + 4, z1, z2, rng.uniform(5, 10), "hedge")
             front_kind = rng.choice(["none", "wall", "fence", "hedge"], p=[0.55, 0.17, 0.17, 0.11])
@@ -806,12 +882,12 @@ def compose_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
         while zp < 120:
             add(zp, _pole, side * (outer - 0.5), zp, side * road_edge)
             zp += spacing * rng.uniform(0.7, 1.3)
-        if rng.random() < 0.6:
+        if rng.random() < pr.tree_p:
             zt = rng.uniform(z_min_obj, z_min_obj + 10)
             while zt < 100:
                 add(zt + 0.01, _tree, side * (outer - rng.uniform(0.6, 1.5)), zt)
                 zt += rng.uniform(8, 20)
-        for _ in range(int(rng.integers(0, 6))):  # pedestrians on the sidewalk
+        for _ in range(int(rng.integers(0, pr.pedestrians))):  # pedestrians on the sidewalk
             zz = _log_uniform(rng, z_min_obj, 70)
             add(zz, _person, side * (road_edge + rng.uniform(0.4, sw - 0.3)), zz)
         if rng.random() < 0.3:  # parked two-wheelers
@@ -829,13 +905,13 @@ def compose_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
         zz = rng.uniform(z_min_obj + 2, 14)
         while zz < 150:
             r = rng.random()
-            if r < 0.07:
+            if r < pr.bus_p:
                 kind = "bus"
-            elif r < 0.14:
+            elif r < pr.bus_p + pr.truck_p:
                 kind = "truck"
             else:
                 kind = "car"
-            if rng.random() < 0.55:
+            if rng.random() < pr.vehicle_p:
                 add(zz, _vehicle, kind, lc + rng.uniform(-0.3, 0.3), zz)
             zz += rng.uniform(10, 40)
     if parking:  # parked cars along the right edge
@@ -844,10 +920,10 @@ def compose_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
             if rng.random() < 0.7:
                 add(zz, _vehicle, "car", road_r - 1.1, zz)
             zz += rng.uniform(5, 9)
-    if rng.random() < 0.5:  # cyclist / motorcyclist near the right road edge
+    if rng.random() < pr.rider_p:  # cyclist / motorcyclist near the right road edge
         zz = _log_uniform(rng, z_min_obj + 2, 45)
         add(zz, _two_wheeler, str(rng.choice(["bicycle", "motorcycle"])), road_r - rng.uniform(0.8, 1.6), zz, True)
-    if rng.random() < 0.2:
+    if rng.random() < pr.rider_p / 2:
         zz = _log_uniform(rng, z_min_obj + 4, 45)
         add(zz, _two_wheeler, str(rng.choice(["bicycle", "motorcycle"])), -road_l + rng.uniform(1, 2.5), zz, True)
     if rng.random() < 0.08:  # a tram, rare like trains in Cityscapes
@@ -857,6 +933,7 @@ def compose_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
     corridor.sort(key=lambda item: -item[0])
     for _, draw in corridor:
         draw()
+    _ego_hood(cv, rng, hood)
     return cv.scene()
 
 
@@ -866,9 +943,9 @@ def _static_box(cv: _Canvas, rng: np.random.Generator, x: float, z: float) -> No
     cv.world_quad([(x - bw / 2, 0, z), (x + bw / 2, 0, z), (x + bw / 2, bh, z), (x - bw / 2, bh, z)], inst)
 
 
-def render_layout(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """trainId map uint8 [H,W] of a new scene (255 = void "static" objects, a fraction of a percent)."""
-    return compose_scene(rng, width, height).labels
+def render_layout(rng: np.random.Generator, width: int, height: int, domain: str = "source") -> np.ndarray:
+    """trainId map uint8 [H,W] of a new scene (255 = void: "static" objects and the target's ego-vehicle bonnet)."""
+    return compose_scene(rng, width, height, domain).labels
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1067,7 +1144,7 @@ def _write_one(args: tuple[str, SyntheticConfig, str, int, int]) -> None:
     """Render and write one image + label (top level so worker processes can run it)."""
     root, cfg, split, index, count = args
     rng = image_rng(cfg.seed, split, index)
-    scene = compose_scene(rng, cfg.width, cfg.height)
+    scene = compose_scene(rng, cfg.width, cfg.height, "source" if split == "source" else "target")
     rgb = (
         render_source(scene, rng) if split == "source" else render_target(scene, rng, cfg.style_shift, cfg.class_shift)
     )
