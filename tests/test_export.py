@@ -221,7 +221,7 @@ def test_no_overwrite_then_overwrite(work, fp32_export, authors_ckpt, capsys):
 
 def test_failed_parity_leaves_nothing(work, ckpt, monkeypatch):
     out = work / "parity_models"
-    monkeypatch.setattr(export_mod, "FP32_MAX_ABS", 0.0)  # any real float rounding now fails the check
+    monkeypatch.setattr(export_mod.parity, "FP32_MAX_ABS", 0.0)  # any real float rounding now fails the check
     with pytest.raises(DeployError, match="parity check failed"):
         export_model(ckpt, out=out, height=H, width=W, **FAST)
     assert not out.exists()  # not even the folder the export created
@@ -231,7 +231,7 @@ def test_failed_parity_leaves_nothing(work, ckpt, monkeypatch):
 def test_failed_parity_with_force_writes(work, ckpt, monkeypatch):
     out = work / "forced_models"
     out.mkdir()
-    monkeypatch.setattr(export_mod, "FP32_MAX_ABS", 0.0)
+    monkeypatch.setattr(export_mod.parity, "FP32_MAX_ABS", 0.0)
     res = export_model(ckpt, out=out, height=H, width=W, force=True, **FAST)
     assert not res.meta["parity"]["passed"] and res.meta["parity"]["forced"]
     assert [p.name for p in out.iterdir()] == ["bida_r18-fp32"]  # no temp folders left
