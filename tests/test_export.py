@@ -151,7 +151,8 @@ def test_fp32_labels_graph_runs_and_matches_torch(fp32_export):
     from dass_train.checkpoint import load_model
 
     net, meta, _ = load_model(fp32_export.meta["source_checkpoint"]["path"])
-    graph = export_mod.ExportGraph(net, meta["normalization"], output="labels")
+    assert fp32_export.meta["upsampling"] == {"mode": "bilinear", "align_corners": True}  # the authors' lineage
+    graph = export_mod.ExportGraph(net, meta["normalization"], output="labels", align_corners=True)
     with torch.inference_mode():
         ref = graph(torch.from_numpy(image)).numpy()
     assert (ref == labels).mean() > 0.999

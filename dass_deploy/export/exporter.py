@@ -190,7 +190,10 @@ def _export_into(
     normalization: dict,
 ) -> ExportResult:
     """The export proper, writing into ``tmp_dir``; ``export_model`` owns the temp-folder / rename protocol."""
-    graph = ExportGraph(model, normalization, output="logits").eval()
+    from dass_train.checkpoint import upsampling_align_corners
+
+    align_corners = upsampling_align_corners(ckpt_meta)
+    graph = ExportGraph(model, normalization, output="logits", align_corners=align_corners).eval()
 
     step(f"tracing to ONNX (opset {OPSET}, {height}x{width}{', dynamic' if dynamic else ''})")
     raw_path = work / "logits_raw.onnx"
@@ -289,6 +292,7 @@ def _export_into(
             "full_resolution": True,
         },
         "normalization": normalization,
+        "upsampling": {"mode": "bilinear", "align_corners": align_corners},
         "precision": precision,
         "source_checkpoint": {"path": str(checkpoint), "sha256": _sha256(checkpoint)},
         "backbone": ckpt_meta.get("backbone"),
@@ -299,7 +303,7 @@ def _export_into(
             "opset": OPSET,
             "max_batch_size": MAX_BATCH,
             "dynamic_axes": ["batch", "height", "width"] if dynamic else ["batch"],
-            "upsample": "bilinear, align_corners=False",
+            "upsample": f"bilinear, align_corners={align_corners}",
             "source": source,
             "stem": stem,
             "load_report": list(report),

@@ -32,10 +32,13 @@ class ExportGraph(nn.Module):
     ``forward(image [N,3,H,W] RGB 0..255) -> logits [N,K,H,W]`` float, or ``labels [N,H,W]`` uint8.
     """
 
-    def __init__(self, model: nn.Module, normalization: dict, output: str = "logits") -> None:
+    def __init__(
+        self, model: nn.Module, normalization: dict, output: str = "logits", align_corners: bool = False
+    ) -> None:
         super().__init__()
         self.model = model.eval()
         self.output = output
+        self.align_corners = bool(align_corners)
         bgr = normalization.get("color", "RGB").upper() == "BGR"
         # mean / std are given in the model's colour order, so swap first, then normalise.
         self.register_buffer("perm", torch.tensor([2, 1, 0] if bgr else [0, 1, 2]), persistent=False)
@@ -49,7 +52,7 @@ class ExportGraph(nn.Module):
         x = image[:, self.perm] if self.bgr else image
         x = (x - self.mean) * self.inv_std
         logits = self.model(x)
-        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=self.align_corners)
         if self.output == "labels":
             return logits.argmax(dim=1).to(torch.uint8)
         return logits
