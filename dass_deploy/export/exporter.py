@@ -34,6 +34,7 @@ from dass_deploy.export.graph import (
     append_argmax,
 )
 from dass_deploy.export.images import IMAGE_SUFFIXES, list_images, load_image, synthetic_images
+from dass_deploy.export.openvino import IR_FILE, require_openvino, write_openvino_ir
 from dass_deploy.export.parity import (
     INT8_MAX_MIOU_DROP,
     _median_ms,
@@ -97,6 +98,7 @@ def export_model(
     progress: bool = True,
     int8_val: str | os.PathLike | None = None,
     calib_max: int = 64,
+    openvino: bool = False,
 ) -> ExportResult:
     """Export ``checkpoint`` to ``<out>/<name>/`` (Triton layout), check parity with torch, rename into place.
 
@@ -124,6 +126,8 @@ def export_model(
             raise DeployError(f"--calib {calib}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     if trt:
         require_tensorrt()  # fail before the slow part
+    if openvino:
+        require_openvino()
 
     step(f"loading {checkpoint}")
     kwargs = {} if stem is None else {"stem": stem}
@@ -148,6 +152,7 @@ def export_model(
             result = _export_into(
                 tmp_dir, work, step, model, ckpt_meta, report, checkpoint, name, dest, height, width, dynamic,
                 output, precision, calib_paths, trt, source, stem, force, parity_samples, int8_val, normalization,
+                openvino=openvino,
             )  # fmt: skip
         if dest.exists():  # --overwrite: swap, then delete the old folder
             old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=out))
@@ -188,6 +193,7 @@ def _export_into(
     parity_samples: int,
     int8_val: str | os.PathLike | None,
     normalization: dict,
+    openvino: bool = False,
 ) -> ExportResult:
     """The export proper, writing into ``tmp_dir``; ``export_model`` owns the temp-folder / rename protocol."""
     from dass_train.checkpoint import upsampling_align_corners
@@ -255,6 +261,11 @@ def _export_into(
         trt_info = build_trt_engine(onnx_path, version_dir / PLAN_FILE, height, width, dynamic,
                                     fp16=precision == "fp16", int8=precision == "int8")  # fmt: skip
 
+    openvino_info = None
+    if openvino:
+        step("converting to OpenVINO IR")
+        openvino_info = write_openvino_ir(onnx_path, version_dir / IR_FILE)
+
     k = int(ckpt_meta["num_classes"])
     spatial = [-1, -1] if dynamic else [height, width]
     out_dims = spatial if output == "labels" else [k, *spatial]
@@ -311,6 +322,7 @@ def _export_into(
             "checkpoint_iteration": ckpt_meta.get("iteration"),
             "int8": extra.get("int8"),
             "tensorrt": trt_info,
+            "openvino": openvino_info,
         },
         "parity": parity,
         "versions": _versions(),
@@ -332,6 +344,8 @@ def _export_into(
         if "miou_int8" in i8:
             text += f", mIoU {i8['miou_fp32']:.2f} -> {i8['miou_int8']:.2f} on {i8['val_images']} val images"
         summary.append(text)
+    if openvino_info:
+        summary.append(f"OpenVINO {openvino_info['openvino']} IR -> {VERSION}/{IR_FILE}")
     if trt_info:
         summary.append(f"TensorRT {trt_info['tensorrt']} plan -> {VERSION}/{PLAN_FILE} (profile {trt_info['profile']})")
     return ExportResult(model_dir=dest, meta=meta, summary=summary)
