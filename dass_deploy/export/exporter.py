@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,10 +42,14 @@ from dass_deploy.export.parity import (
     evaluate_miou_pair,
     ort_session,
 )
-from dass_deploy.export.precision import convert_to_fp16, quantize_int8
+from dass_deploy.export.precision import CALIBRATIONS, KEEP_FLOAT, convert_to_fp16, quantize_int8
 from dass_deploy.export.tensorrt import build_trt_engine, require_tensorrt
 from dass_deploy.export.triton import _class_table, _sha256, _versions
 from dass_deploy.repository import ONNX_FILE, PLAN_FILE, VERSION, write_triton_config
+
+#: The INT8 method ``export_model`` uses unless told otherwise (benchmarks/results/int8.md measures the choices).
+INT8_DEFAULT_CALIBRATION = "percentile"
+INT8_DEFAULT_KEEP_FLOAT: tuple[str, ...] = ("first_conv", "classifier")
 
 
 @dataclass
@@ -99,6 +103,8 @@ def export_model(
     int8_val: str | os.PathLike | None = None,
     calib_max: int = 64,
     openvino: bool = False,
+    int8_calibration: str = INT8_DEFAULT_CALIBRATION,
+    int8_keep_float: Sequence[str] = INT8_DEFAULT_KEEP_FLOAT,
 ) -> ExportResult:
     """Export ``checkpoint`` to ``<out>/<name>/`` (Triton layout), check parity with torch, rename into place.
 
@@ -112,6 +118,10 @@ def export_model(
             print(f"dass-export: {message}", file=sys.stderr, flush=True)
 
     _validate(height, width, output, fp16, int8, calib, int8_val, name)
+    if int8_calibration not in CALIBRATIONS:
+        raise DeployError(f"--int8-calibration must be one of {', '.join(CALIBRATIONS)}, got {int8_calibration!r}")
+    if set(int8_keep_float) - set(KEEP_FLOAT):
+        raise DeployError(f"--int8-keep-float takes {', '.join(KEEP_FLOAT)}, got {', '.join(int8_keep_float)}")
     checkpoint = Path(checkpoint)
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     name = name or f"{checkpoint.stem}-{precision}" + ("-trt" if trt else "")
@@ -152,7 +162,7 @@ def export_model(
             result = _export_into(
                 tmp_dir, work, step, model, ckpt_meta, report, checkpoint, name, dest, height, width, dynamic,
                 output, precision, calib_paths, trt, source, stem, force, parity_samples, int8_val, normalization,
-                openvino=openvino,
+                openvino=openvino, int8_method=(int8_calibration, tuple(int8_keep_float)),
             )  # fmt: skip
         if dest.exists():  # --overwrite: swap, then delete the old folder
             old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=out))
@@ -194,6 +204,7 @@ def _export_into(
     int8_val: str | os.PathLike | None,
     normalization: dict,
     openvino: bool = False,
+    int8_method: tuple[str, tuple[str, ...]] = ("minmax", ()),
 ) -> ExportResult:
     """The export proper, writing into ``tmp_dir``; ``export_model`` owns the temp-folder / rename protocol."""
     from dass_train.checkpoint import upsampling_align_corners
@@ -215,7 +226,11 @@ def _export_into(
         logits_model = convert_to_fp16(fp32_logits)
     elif precision == "int8":
         step(f"INT8 calibration on {len(calib_paths)} images")
-        logits_model = quantize_int8(fp32_logits, work / "int8.onnx", calib_paths, height, width, symmetric=trt)
+        calibration, keep_float = int8_method
+        logits_model = quantize_int8(
+            fp32_logits, work / "int8.onnx", calib_paths, height, width, symmetric=trt, calibration=calibration,
+            keep_float=keep_float,
+        )  # fmt: skip
     else:
         logits_model = fp32_logits
     shipped = append_argmax(logits_model) if output == "labels" else logits_model
@@ -238,10 +253,24 @@ def _export_into(
         int8_ms = _median_ms(shipped_session, images[:1])
         extra["int8"] = {"fp32_ms": fp32_ms, "int8_ms": int8_ms, "cpu_speedup": fp32_ms / int8_ms}
         extra["int8"]["calibration_images"] = len(calib_paths)
+        extra["int8"]["method"] = {
+            "format": "QDQ",
+            "weights": "int8 per-channel symmetric",
+            "activations": "int8 symmetric" if trt else "uint8 asymmetric",
+            "calibration": int8_method[0],
+            "float_layers": list(int8_method[1]),
+        }
+        # What the model lost on the gate (<= INT8_MAX_MIOU_DROP points on target val); null when not measured.
+        extra["int8"]["gate"] = {"max_miou_drop": INT8_MAX_MIOU_DROP, "miou_drop": None, "passed": None,
+                                 "measured_on": None}  # fmt: skip
         if int8_val is not None:
             step(f"mIoU fp32 vs int8 on {int8_val}")
             val = evaluate_miou_pair(ort_session(fp32_logits), ort_session(logits_model), Path(int8_val), height, width)
             extra["int8"].update(val)
+            extra["int8"]["gate"].update(
+                miou_drop=val["miou_drop"], passed=val["miou_drop"] <= INT8_MAX_MIOU_DROP,
+                measured_on=f"{val['val_images']} images of {int8_val}",
+            )  # fmt: skip
             if val["miou_drop"] > INT8_MAX_MIOU_DROP:
                 failures.append(f"INT8 mIoU drop {val['miou_drop']:.2f} > {INT8_MAX_MIOU_DROP} points")
     parity["passed"] = not failures
@@ -343,6 +372,8 @@ def _export_into(
         text = f"INT8 on CPU: {i8['fp32_ms']:.0f} ms -> {i8['int8_ms']:.0f} ms ({i8['cpu_speedup']:.2f}x)"
         if "miou_int8" in i8:
             text += f", mIoU {i8['miou_fp32']:.2f} -> {i8['miou_int8']:.2f} on {i8['val_images']} val images"
+        else:
+            text += "; mIoU gate not measured (pass --int8-val DIR)"
         summary.append(text)
     if openvino_info:
         summary.append(f"OpenVINO {openvino_info['openvino']} IR -> {VERSION}/{IR_FILE}")

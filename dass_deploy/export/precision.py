@@ -76,6 +76,43 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(model)
 
 
+#: Calibration methods: ``minmax`` (the observed range; one outlier pixel widens every step), ``percentile`` (the
+#: 99.999th percentile of |activation|: clips rare outliers, finer steps for the rest), ``entropy`` (KL-optimal range).
+CALIBRATIONS = ("minmax", "percentile", "entropy")
+#: Layers that may be kept in float: ``first_conv`` sees the raw normalised image, ``classifier`` (ASPP) writes
+#: the logits the argmax decides on; both are small in FLOPs and the most sensitive to rounding.
+KEEP_FLOAT = ("first_conv", "classifier")
+
+
+def int8_float_nodes(model: onnx.ModelProto, keep: Sequence[str]) -> list[str]:
+    """Names of the Conv nodes ``keep`` names: the first Conv of the graph and/or the classifier, i.e. the Convs that
+    reach the logits output through non-Conv nodes only (the ASPP branches and their sum)."""
+    unknown = set(keep) - set(KEEP_FLOAT)
+    if unknown:
+        raise ValueError(f"unknown int8 float layers {sorted(unknown)}; choose from {', '.join(KEEP_FLOAT)}")
+    graph = model.graph
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    names: list[str] = []
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    if "first_conv" in keep and convs:
+        names.append(convs[0].name)
+    if "classifier" in keep:
+        producer = {out: n for n in graph.node for out in n.output}
+        stack, seen = [o.name for o in graph.output], set()
+        while stack:
+            node = producer.get(stack.pop())
+            if node is None or node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.op_type == "Conv":
+                names.append(node.name)
+            else:
+                stack.extend(node.input)
+    return list(dict.fromkeys(names))
+
+
 def quantize_int8(
     logits_model: onnx.ModelProto,
     out_path: Path,
@@ -83,20 +120,37 @@ def quantize_int8(
     height: int,
     width: int,
     symmetric: bool = False,
+    calibration: str = "minmax",
+    keep_float: Sequence[str] = (),
 ) -> onnx.ModelProto:
-    """Static INT8 quantisation (QDQ, per-channel weights) of the *logits* graph, calibrated on target images.
+    """Static INT8 quantisation (QDQ, per-channel symmetric weights) of the *logits* graph, calibrated on target
+    images.
 
     Only the CNN body (Conv, Add, MaxPool) is quantised; the normalisation in front and the bilinear resize behind
-    stay float. ``symmetric=True`` gives the signed, zero-point-free tensors that TensorRT's explicit quantisation
-    expects; unsigned activations are faster with ONNX Runtime's CPU kernels.
+    stay float, and so do the layers ``keep_float`` names (``KEEP_FLOAT``). ``calibration`` picks how activation
+    ranges are set (``CALIBRATIONS``). ``symmetric=True`` gives the signed, zero-point-free tensors that TensorRT's
+    explicit quantisation expects; unsigned activations are faster with ONNX Runtime's CPU kernels.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown int8 calibration {calibration!r}; choose from {', '.join(CALIBRATIONS)}")
     work = out_path.parent
     src, pre = work / "int8_src.onnx", work / "int8_pre.onnx"
     onnx.save(logits_model, src)
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+    prepared = onnx.load(str(pre))
+    excluded = int8_float_nodes(prepared, keep_float)
+    onnx.save(prepared, str(pre))  # with the node names int8_float_nodes may have filled in
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }[calibration]
+    extra = {"ActivationSymmetric": symmetric, "WeightSymmetric": True}
+    if calibration == "percentile":
+        extra.update(CalibPercentile=99.999, CalibTensorRangeSymmetric=symmetric)
     quantize_static(
         str(pre),
         str(out_path),
@@ -106,7 +160,8 @@ def quantize_int8(
         per_channel=True,
         activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
         weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+        calibrate_method=method,
+        nodes_to_exclude=excluded,
+        extra_options=extra,
     )
     return onnx.load(str(out_path))
