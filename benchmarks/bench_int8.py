@@ -16,6 +16,7 @@ each runtime's fp32 model and INT8 models timed round-robin. Results are merged 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import tempfile
@@ -62,6 +63,29 @@ def time_interleaved(backends: dict[str, object], image: np.ndarray, repeats: in
     return times
 
 
+def convert_legacy(path: Path) -> None:
+    """Rewrite an int8.json of the one-result format (before machines were recorded) as rows of an unrecorded
+    machine in the per-machine format, so that measurement is kept next to the new ones."""
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    if not isinstance(old, dict) or "rows" in old or "latency_ms" not in old:
+        return
+    key = f"unrecorded machine (ONNX Runtime {old.get('onnxruntime', '?')}, before machines were recorded)"
+    h, w = old["size"]
+    common = {"backend": "onnxruntime", "size": f"{h}x{w}", "threads": old.get("threads"), "machine": key,
+              "command": old["command"]}  # fmt: skip
+    rows = [
+        {**common, "precision": "fp32", "method": None, "p50_ms": old["latency_ms"]["fp32"], "speedup_vs_fp32": 1.0},
+        {**common, "precision": "int8", "method": "minmax:none", "p50_ms": old["latency_ms"]["int8"],
+         "speedup_vs_fp32": old["speedup"], "miou_fp32": old["miou_fp32"], "miou_int8": old["miou_int8"],
+         "miou_drop": old["miou_drop"], "gate_passed": old["miou_drop"] <= INT8_MAX_MIOU_DROP,
+         "val_images": old["val_images"], "checkpoint": old.get("checkpoint")},
+    ]  # fmt: skip
+    payload = {"format": "dass-benchmark", "version": 1, "machines": {key: {"key": key}}, "rows": rows, "notes": {}}
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-checkpoint", required=True, help="trained checkpoint (.pt)")
@@ -76,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runtimes", default="onnxruntime,openvino", help="CPU runtimes to time (default: both)")
     p.add_argument("--out", default=str(RESULTS), help="results folder (default: benchmarks/results)")
     args = p.parse_args(argv)
+    convert_legacy(Path(args.out) / "int8.json")  # before the slow part: a bad results file fails fast
 
     root = Path(args.data_root)
     calib = Path(args.calib) if args.calib else root / "leftImg8bit" / "train"
@@ -146,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['miou_fp32']:.2f} -> {r['miou_int8']:.2f} ({-r['miou_drop']:+.2f}), {verdict} the gate."
             )
     out = Path(args.out)
+    convert_legacy(out / "int8.json")
     payload = write_json(rows, out / "int8.json", command, notes=notes)
     (out / "int8.md").write_text(_markdown(payload))
     print(machine_markdown(describe_machine()))
