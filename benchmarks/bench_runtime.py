@@ -95,7 +95,8 @@ def main() -> int:
         notes.append(
             f"EMULATION of a {machine['isa_cap']}-only CPU: ONEDNN_MAX_CPU_ISA={machine['isa_cap']} caps torch's and "
             "OpenVINO's oneDNN kernels; ONNX Runtime's MLAS ignores it and still uses this CPU's full ISA, so the "
-            "onnxruntime row is not an AVX2 figure."
+            "onnxruntime row is not an AVX2 figure. OpenVINO has no documented ISA cap of its own; its CPU plugin "
+            "does read ONEDNN_MAX_CPU_ISA, and a skipped openvino row says what it did with it."
         )
     fp32_rows = [r for r in rows if r.get("precision") == "fp32"]
     for label, subset in (("any precision", rows), ("fp32 only", fp32_rows)):

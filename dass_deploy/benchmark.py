@@ -218,7 +218,13 @@ def _run_interleaved(
         _reset_peak_rss()
         rss0 = _proc_status_kb("VmRSS") or 0
         t0 = time.perf_counter()
-        backend = create_backend(path, backend=name, device=device, threads=threads, precision=precision)
+        try:
+            backend = create_backend(path, backend=name, device=device, threads=threads, precision=precision)
+        except DeployError as exc:  # one runtime failing here (e.g. under an ISA cap) must not lose the others
+            for size in sizes or [(512, 1024)]:
+                rows.append({"backend": name, "precision": precision, "device": device,
+                             "size": f"{size[0]}x{size[1]}", "threads": threads, "skipped": str(exc)})  # fmt: skip
+            continue
         build_s = time.perf_counter() - t0
         for size in sizes or [backend.input_size or (512, 1024)]:
             row = _row(backend, precision, device, size, threads)

@@ -80,9 +80,16 @@ def test_auto_rule():
     assert auto_backend("cuda", "int8", has_onnx=True, has_plan=False) == "onnxruntime"
 
 
-def test_openvino_errors(model_dir):
+def test_openvino_errors(model_dir, tmp_path):
     with pytest.raises(DeployError, match="--device cpu only"):
         create_backend(model_dir, backend="openvino", device="cuda")
+    broken = tmp_path / "broken"
+    (broken / "1").mkdir(parents=True)
+    (broken / "meta.json").write_text((model_dir / "meta.json").read_text())
+    (broken / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(DeployError, match="OpenVINO cannot compile") as err:
+        create_backend(broken, backend="openvino")
+    assert "\n" not in str(err.value)  # one line for the CLI
 
 
 def test_openvino_never_imports_torch(model_dir):

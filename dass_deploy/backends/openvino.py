@@ -50,7 +50,9 @@ class OpenVINOBackend:
         try:
             self.compiled = ov.Core().compile_model(str(source), "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with multi-line messages
-            raise DeployError(f"OpenVINO cannot compile {source}: {str(exc).strip().splitlines()[0]}") from exc
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = next((line for line in reversed(lines) if not line.startswith("Exception from")), lines[-1])
+            raise DeployError(f"OpenVINO cannot compile {source}: {reason}") from exc
         self.request = self.compiled.create_infer_request()
         self.source = source
         self.version = ov.__version__ if hasattr(ov, "__version__") else ov.get_version()
