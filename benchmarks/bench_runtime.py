@@ -96,7 +96,8 @@ def main() -> int:
             f"EMULATION of a {machine['isa_cap']}-only CPU: ONEDNN_MAX_CPU_ISA={machine['isa_cap']} caps torch's and "
             "OpenVINO's oneDNN kernels; ONNX Runtime's MLAS ignores it and still uses this CPU's full ISA, so the "
             "onnxruntime row is not an AVX2 figure. OpenVINO has no documented ISA cap of its own; its CPU plugin "
-            "does read ONEDNN_MAX_CPU_ISA, and a skipped openvino row says what it did with it."
+            "does read ONEDNN_MAX_CPU_ISA (fp32 compiled under the AVX2 cap here; bf16 did not: a skipped row says "
+            "why)."
         )
     fp32_rows = [r for r in rows if r.get("precision") == "fp32"]
     for label, subset in (("any precision", rows), ("fp32 only", fp32_rows)):
