@@ -116,6 +116,8 @@ def describe_machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "versions": package_versions(),
         "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+        # other work on the machine slows absolute figures (ratios of interleaved runs much less)
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     machine["key"] = machine_key(machine)
     return machine
@@ -142,6 +144,8 @@ def machine_markdown(machine: dict[str, Any]) -> str:
         f"{machine.get('logical_cpus')} logical CPUs ({machine.get('usable_cpus')} usable); ISA: "
         f"{isa_summary(machine.get('isa') or {})}; thread env: {threads}; {versions}."
     )
+    if machine.get("load_average_1m") is not None:
+        text += f" Load average (1 min) when recorded: {machine['load_average_1m']}."
     if machine.get("emulation"):
         text += f" **Emulation**: {machine['emulation']}."
     return text
