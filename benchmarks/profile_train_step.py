@@ -7,7 +7,8 @@ settings help (intra-op threads, channels_last, torch.compile), optionally under
 The step is the synth2real source-only shape: DeepLab-V2 ResNet-18 (BatchNorm training), batch 4 crops of
 192x128 from the GTA5-layout synthetic source (resize shorter side 128, scale 0.8-1.2, flip), cross-entropy, SGD.
 It is the network + loss + optimiser of the trainer's step without its bookkeeping (domain BN, logging), so it is
-a lower bound of an iteration. Data loading is timed separately (4 ``dataset[i]`` calls = one batch, in the main
+a lower bound of an iteration. The step variants are timed round-robin (one step of each per round), so their
+ratios hold on a loaded machine; absolute times do not (the load average is recorded). Data loading is timed separately (4 ``dataset[i]`` calls = one batch, in the main
 process). Results are merged into ``benchmarks/results/train_step_cpu.{md,json}``, keyed by machine.
 """
 
@@ -42,12 +43,12 @@ def time_data(root: Path, steps: int, batch: int) -> list[float]:
     return times
 
 
-def time_steps(steps: int, batch: int, threads: int, channels_last: bool, compiled: bool) -> list[float]:
+def make_step(batch: int, channels_last: bool, compiled: bool):
+    """One variant's training step (own model, optimiser and batch), as a zero-argument callable."""
     import torch
 
     from dass_train.network import deeplab_v2
 
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = deeplab_v2(19, "resnet18", freeze_bn=False).train()
     x = torch.randn(batch, 3, 128, 192)
@@ -65,13 +66,26 @@ def time_steps(steps: int, batch: int, threads: int, channels_last: bool, compil
         loss.backward()
         opt.step()
 
-    for _ in range(2):  # warm-up (compile, allocator, oneDNN primitive caches)
-        step()
-    times = []
+    return step
+
+
+def time_variants(variants: list[tuple[int, bool, bool]], steps: int, batch: int) -> dict[tuple, list[float]]:
+    """Every variant's step, round-robin (one step of each per round, threads set before each), after 2 warm-up
+    steps each: a machine whose load changes slows every variant alike."""
+    import torch
+
+    fns = {v: make_step(batch, v[1], v[2]) for v in variants}
+    for (threads, _, _), fn in fns.items():
+        torch.set_num_threads(threads)
+        fn()
+        fn()
+    times: dict[tuple, list[float]] = {v: [] for v in variants}
     for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1000)
+        for v, fn in fns.items():
+            torch.set_num_threads(v[0])
+            start = time.perf_counter()
+            fn()
+            times[v].append((time.perf_counter() - start) * 1000)
     return times
 
 
@@ -106,11 +120,11 @@ def main() -> int:
     variants = [(t, cl, False) for t in sorted({1, cores}) for cl in (False, True)]
     if args.compile:
         variants.append((cores, False, True))
-    for threads, channels_last, compiled in variants:
+    for (threads, channels_last, compiled), times in time_variants(variants, args.steps, args.batch).items():
         name = (
             f"step: {threads} thread(s){', channels_last' if channels_last else ''}{', compiled' if compiled else ''}"
         )
-        add(name, time_steps(args.steps, args.batch, threads, channels_last, compiled), threads=threads)
+        add(name, times, threads=threads)
 
     command = "python benchmarks/profile_train_step.py " + shlex.join(sys.argv[1:])
     machine = describe_machine()
