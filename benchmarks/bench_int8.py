@@ -9,7 +9,7 @@
 (``dass_deploy.export.precision.CALIBRATIONS`` / ``KEEP_FLOAT``, ``none`` for no float layers); ``minmax:none`` is
 the method before this benchmark. Every INT8 model is exported with the real ``export_model`` and ``int8_val``, so
 its meta.json records the gate (mIoU drop on the val split, limit 1 point). Latency: the labels graph, batch 1,
-each runtime's fp32 model and INT8 models timed round-robin. Results are merged into
+every runtime x model timed round-robin (one run of each per round). Results are merged into
 ``benchmarks/results/int8.{md,json}``, keyed by machine (CPU model + ISA): other machines' rows stay.
 """
 
@@ -50,9 +50,9 @@ def method_name(method: tuple[str, tuple[str, ...]]) -> str:
     return f"{method[0]}:{'+'.join(method[1]) or 'none'}"
 
 
-def time_interleaved(backends: dict[str, object], image: np.ndarray, repeats: int) -> dict[str, list[float]]:
+def time_interleaved(backends: dict, image: np.ndarray, repeats: int) -> dict:
     """Latency (ms) of each backend's ``predict``, one run of each per round, after one warm-up each."""
-    times: dict[str, list[float]] = {k: [] for k in backends}
+    times: dict = {k: [] for k in backends}
     for b in backends.values():
         b.predict(image)
     for _ in range(repeats):
@@ -123,14 +123,17 @@ def main(argv: list[str] | None = None) -> int:
             if not val_images:
                 raise DeployError(f"--data-root {root}: no images under leftImg8bit/")
             image = load_image(val_images[0], args.height, args.width)[None]
+            # every runtime x model in one round-robin: cross-runtime figures see the same machine load too
+            backends = {
+                (runtime, key): create_backend(r.model_dir, backend=runtime, threads=args.threads)
+                for runtime in runtimes
+                for key, r in models.items()
+            }
+            times = time_interleaved(backends, image, args.repeats)
             for runtime in runtimes:
-                backends = {
-                    key: create_backend(r.model_dir, backend=runtime, threads=args.threads) for key, r in models.items()
-                }
-                times = time_interleaved(backends, image, args.repeats)
-                fp32_ms = float(np.median(times["fp32"]))
+                fp32_ms = float(np.median(times[(runtime, "fp32")]))
                 for key, result in models.items():
-                    ms = np.asarray(times[key])
+                    ms = np.asarray(times[(runtime, key)])
                     row = {
                         "backend": runtime,
                         "precision": "fp32" if key == "fp32" else "int8",
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/bench_int8.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     notes = [
         f"Checkpoint {args.model_checkpoint}; input {size}; {args.threads} threads; median of {args.repeats} "
-        "interleaved rounds (labels graph, batch 1, one val image); mIoU on the full val split at the export size, "
+        "interleaved rounds over every runtime x model (labels graph, batch 1, one val image); mIoU on the full val split at the export size, "
         f"computed by ONNX Runtime on the logits graphs (the gate: drop <= {INT8_MAX_MIOU_DROP} point). Methods: "
         "calibration (minmax | percentile 99.999 | entropy) : layers kept in float (first_conv, classifier); "
         "weights int8 per-channel symmetric, activations uint8, QDQ.",

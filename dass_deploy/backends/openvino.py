@@ -1,7 +1,8 @@
 """OpenVINO backend (CPU): runs the exported graph through OpenVINO's CPU plugin; never imports torch.
 
 It compiles ``1/model.xml`` (OpenVINO IR, written by ``dass-export --openvino``) when the folder has one, since
-compiling IR skips the ONNX front end (0.4 s vs 1.0 s for DeepLab-V2 ResNet-101, ``benchmarks/bench_openvino.py``),
+compiling IR skips the ONNX front end (0.71 s vs 1.98 s for DeepLab-V2 ResNet-101 at 512x1024 on a loaded 2-core
+EPYC, same inference time and labels: ``benchmarks/results/runtime_openvino.md``),
 and ``1/model.onnx`` otherwise, so every exported folder runs. Inference is the same graph either way.
 
 Precision: the graph's own (fp32 weights run in f32, so labels match ONNX Runtime's) unless ``precision="bf16"``

@@ -1,7 +1,7 @@
 """OpenVINO IR (``1/model.xml`` + ``1/model.bin``) converted from the shipped ONNX graph, for faster compiles.
 
-OpenVINO runs the ONNX file directly too; the IR only saves its ONNX front end at every start (0.4 s instead of
-1.0 s to compile DeepLab-V2 ResNet-101, ``benchmarks/bench_openvino.py``). Weights keep the graph's precision
+OpenVINO runs the ONNX file directly too; the IR only saves its ONNX front end at every start (0.71 s instead of
+1.98 s to compile DeepLab-V2 ResNet-101 at 512x1024, ``benchmarks/results/runtime_openvino.md``). Weights keep the graph's precision
 (no fp16 compression), so the IR computes what the ONNX graph computes.
 """
 
