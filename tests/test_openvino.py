@@ -73,6 +73,27 @@ def test_bf16_precision_runs(model_dir):
     assert out.shape == ref.shape and (out == ref).mean() > 0.9  # reduced precision: close, not exact
 
 
+def test_int8_model_runs_on_openvino_by_default(checkpoint, tmp_path, samples):
+    """An INT8 (QDQ) export: ``auto`` picks OpenVINO (the faster INT8 runtime measured), whose int8 kernels give
+    nearly the labels ONNX Runtime's do on the same graph (both round, differently)."""
+    from dass_deploy.export import export_model
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for path in SAMPLE_IMAGES:
+        (calib / path.name).write_bytes(path.read_bytes())
+    result = export_model(
+        checkpoint, out=tmp_path / "models", name="r18-int8", height=EXPORT_SIZE[0], width=EXPORT_SIZE[1], int8=True,
+        calib=calib, parity_samples=1, progress=False,
+    )  # fmt: skip
+    auto = create_backend(result.model_dir)
+    assert auto.name == "openvino"
+    ort_backend = create_backend(result.model_dir, backend="onnxruntime")
+    x = _batch(SAMPLE_IMAGES[1], EXPORT_SIZE)
+    a, b = auto.predict(x), ort_backend.predict(x)
+    assert a.shape == b.shape and (a == b).mean() > 0.9
+
+
 def test_auto_rule():
     for precision, order in AUTO_CPU_ORDER.items():
         assert auto_backend("cpu", precision, has_onnx=True, has_plan=False) == order[0]

@@ -4,10 +4,12 @@ Importing this package imports neither torch nor onnxruntime / openvino / tensor
 runtime when it is built, and only ``torch_backend`` touches torch.
 
 ``auto`` on CPU picks, by the exported graph's precision, the first installed runtime of ``AUTO_CPU_ORDER``; the
-order is what ``benchmarks/bench_runtime.py`` and ``benchmarks/bench_int8.py`` measured (results in
-``benchmarks/results/runtime_cpu.md`` and ``int8.md``): at the exported graph's own precision ONNX Runtime was the
-faster or an equal CPU runtime on the machines measured (fp32 clearly, INT8 QDQ within noise of OpenVINO), so it
-stays first; OpenVINO runs when ONNX Runtime is missing, or on request (``--backend openvino``, and its bf16 mode).
+order is what the benchmarks measured with every runtime timed round-robin in one run (figures keyed by machine):
+fp32 graphs run fastest on ONNX Runtime (fp16 ones follow them, not measured separately) (ResNet-101 512x1024: 12.4 s vs OpenVINO f32 14.8 s,
+``benchmarks/results/runtime_cpu.md``; ResNet-18 128x256: 84 vs 125 ms, ``int8.md``), INT8 (QDQ) graphs on
+OpenVINO, whose VNNI int8 kernels ran 2-2.7x faster than ONNX Runtime's (22-25 vs 44-64 ms, ``int8.md``).
+OpenVINO's bf16 mode is faster still for fp32 graphs on CPUs with bf16 kernels but changes labels, so ``auto``
+never picks it; ``--backend openvino`` with precision ``bf16`` asks for it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
 AUTO_CPU_ORDER = {
     "fp32": ("onnxruntime", "openvino"),
     "fp16": ("onnxruntime", "openvino"),
-    "int8": ("onnxruntime", "openvino"),
+    "int8": ("openvino", "onnxruntime"),
 }
 #: import name of each runtime, to tell whether it is installed without importing it.
 RUNTIME_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
