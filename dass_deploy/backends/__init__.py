@@ -5,11 +5,12 @@ runtime when it is built, and only ``torch_backend`` touches torch.
 
 ``auto`` on CPU picks, by the exported graph's precision, the first installed runtime of ``AUTO_CPU_ORDER``; the
 order is what the benchmarks measured with every runtime timed round-robin in one run (figures keyed by machine):
-fp32 graphs run fastest on ONNX Runtime (fp16 ones follow them, not measured separately) (ResNet-101 512x1024: 12.4 s vs OpenVINO f32 14.8 s,
-``benchmarks/results/runtime_cpu.md``; ResNet-18 128x256: 84 vs 125 ms, ``int8.md``), INT8 (QDQ) graphs on
-OpenVINO, whose VNNI int8 kernels ran 2-2.7x faster than ONNX Runtime's (22-25 vs 44-64 ms, ``int8.md``).
-OpenVINO's bf16 mode is faster still for fp32 graphs on CPUs with bf16 kernels but changes labels, so ``auto``
-never picks it; ``--backend openvino`` with precision ``bf16`` asks for it.
+fp32 graphs run as fast or faster on ONNX Runtime (ResNet-101 512x1024: 7.13 s vs OpenVINO f32 7.05 s, equal,
+``benchmarks/results/runtime_cpu.md``; ResNet-18 128x256: 84 vs 125 ms, ``int8.md``; fp16 graphs follow fp32, not
+measured separately), INT8 (QDQ) graphs on OpenVINO, whose VNNI int8 kernels ran 2-2.7x faster than ONNX
+Runtime's (22-25 vs 44-64 ms, ``int8.md``). OpenVINO's bf16 mode is faster still for fp32 graphs on CPUs with bf16
+kernels (3.80 s at 512x1024) but changes labels, so ``auto`` never picks it; ``--backend openvino`` with precision
+``bf16`` asks for it.
 """
 
 from __future__ import annotations
