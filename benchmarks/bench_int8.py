@@ -1,10 +1,16 @@
-"""INT8 vs fp32 ONNX on CPU: latency (same run, same inputs, median of repeats) and mIoU change on a labelled val set.
+"""INT8 vs fp32 on CPU, per runtime and per quantisation method: latency (same run, interleaved) and the mIoU gate.
 
-    python benchmarks/bench_int8.py --model-checkpoint runs/synthetic/final.pt --data-root data/synthetic/target \
-        [--calib DIR] [--height 256 --width 512] [--repeats 10] [--threads 2]
+    python benchmarks/bench_int8.py --model-checkpoint runs/tables-seed0/row4/adapt/last.pt \
+        --data-root data/synthetic/cityscapes [--calib DIR] [--height 128 --width 256] [--repeats 10] [--threads 2] \
+        [--methods minmax:none,percentile:first_conv+classifier] [--runtimes onnxruntime,openvino]
 
 ``--data-root`` is a Cityscapes-layout folder (``leftImg8bit/val/...`` + ``gtFine/val/...``); calibration uses
-``leftImg8bit/train`` under it unless ``--calib`` is given. Writes ``benchmarks/results/int8.md`` and ``.json``.
+``leftImg8bit/train`` under it unless ``--calib`` is given. Each method is ``calibration:float_layers``
+(``dass_deploy.export.precision.CALIBRATIONS`` / ``KEEP_FLOAT``, ``none`` for no float layers); ``minmax:none`` is
+the method before this benchmark. Every INT8 model is exported with the real ``export_model`` and ``int8_val``, so
+its meta.json records the gate (mIoU drop on the val split, limit 1 point). Latency: the labels graph, batch 1,
+every runtime x model timed round-robin (one run of each per round). Results are merged into
+``benchmarks/results/int8.{md,json}``, keyed by machine (CPU model + ISA): other machines' rows stay.
 """
 
 from __future__ import annotations
@@ -18,31 +24,66 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from dass_deploy.errors import DeployError
-from dass_deploy.export import evaluate_miou_pair, export_model, list_images, load_image
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dass_deploy.backends import create_backend  # noqa: E402
+from dass_deploy.benchmark import write_json  # noqa: E402
+from dass_deploy.errors import DeployError  # noqa: E402
+from dass_deploy.export import INT8_MAX_MIOU_DROP, export_model, list_images, load_image  # noqa: E402
+from dass_deploy.machine import describe_machine, machine_markdown  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_METHODS = "minmax:none,percentile:none,percentile:first_conv+classifier,entropy:first_conv+classifier"
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def parse_methods(text: str) -> list[tuple[str, tuple[str, ...]]]:
+    methods = []
+    for item in text.split(","):
+        calibration, _, layers = item.partition(":")
+        keep = () if layers in ("", "none") else tuple(layers.split("+"))
+        methods.append((calibration, keep))
+    return methods
 
 
-def _latency_ms(sessions: dict[str, ort.InferenceSession], image: np.ndarray, repeats: int) -> dict[str, float]:
-    """Median latency per session; runs are interleaved so both see the same machine load."""
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for s in sessions.values():
-        s.run(None, {"image": image})  # warm-up
+def method_name(method: tuple[str, tuple[str, ...]]) -> str:
+    return f"{method[0]}:{'+'.join(method[1]) or 'none'}"
+
+
+def time_interleaved(backends: dict, image: np.ndarray, repeats: int) -> dict:
+    """Latency (ms) of each backend's ``predict``, one run of each per round, after one warm-up each."""
+    times: dict = {k: [] for k in backends}
+    for b in backends.values():
+        b.predict(image)
     for _ in range(repeats):
-        for key, s in sessions.items():
+        for key, b in backends.items():
             start = time.perf_counter()
-            s.run(None, {"image": image})
+            b.predict(image)
             times[key].append((time.perf_counter() - start) * 1000)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return times
+
+
+def convert_legacy(path: Path) -> None:
+    """Rewrite an int8.json of the one-result format (before machines were recorded) as rows of an unrecorded
+    machine in the per-machine format, so that measurement is kept next to the new ones."""
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    if not isinstance(old, dict) or "rows" in old or "latency_ms" not in old:
+        return
+    key = f"unrecorded machine (ONNX Runtime {old.get('onnxruntime', '?')}, before machines were recorded)"
+    h, w = old["size"]
+    common = {"backend": "onnxruntime", "size": f"{h}x{w}", "threads": old.get("threads"), "machine": key,
+              "command": old["command"]}  # fmt: skip
+    rows = [
+        {**common, "precision": "fp32", "method": None, "p50_ms": old["latency_ms"]["fp32"], "speedup_vs_fp32": 1.0},
+        {**common, "precision": "int8", "method": "minmax:none", "p50_ms": old["latency_ms"]["int8"],
+         "speedup_vs_fp32": old["speedup"], "miou_fp32": old["miou_fp32"], "miou_int8": old["miou_int8"],
+         "miou_drop": old["miou_drop"], "gate_passed": old["miou_drop"] <= INT8_MAX_MIOU_DROP,
+         "val_images": old["val_images"], "checkpoint": old.get("checkpoint")},
+    ]  # fmt: skip
+    payload = {"format": "dass-benchmark", "version": 1, "machines": {key: {"key": key}}, "rows": rows, "notes": {}}
+    path.write_text(json.dumps(payload, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,70 +91,119 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-checkpoint", required=True, help="trained checkpoint (.pt)")
     p.add_argument("--data-root", required=True, help="Cityscapes-layout target data (leftImg8bit/, gtFine/)")
     p.add_argument("--calib", default=None, help="calibration images (default: <data-root>/leftImg8bit/train)")
-    p.add_argument("--height", type=int, default=256, help="export height (default: 256)")
-    p.add_argument("--width", type=int, default=512, help="export width (default: 512)")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs per model (default: 10)")
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default: 2)")
+    p.add_argument("--calib-max", type=int, default=64, help="calibration images used (default 64)")
+    p.add_argument("--height", type=int, default=128, help="export height (default: 128)")
+    p.add_argument("--width", type=int, default=256, help="export width (default: 256)")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds (default: 10)")
+    p.add_argument("--threads", type=int, default=2, help="runtime intra-op threads (default: 2)")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"INT8 methods (default: {DEFAULT_METHODS})")
+    p.add_argument("--runtimes", default="onnxruntime,openvino", help="CPU runtimes to time (default: both)")
     p.add_argument("--out", default=str(RESULTS), help="results folder (default: benchmarks/results)")
     args = p.parse_args(argv)
+    convert_legacy(Path(args.out) / "int8.json")  # before the slow part: a bad results file fails fast
 
     root = Path(args.data_root)
     calib = Path(args.calib) if args.calib else root / "leftImg8bit" / "train"
+    methods = parse_methods(args.methods)
+    runtimes = args.runtimes.split(",")
+    size = f"{args.height}x{args.width}"
+    rows: list[dict] = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
-            common = dict(out=tmp, height=args.height, width=args.width, output="logits", progress=True)
+            common = dict(out=tmp, height=args.height, width=args.width, progress=True)
             fp32 = export_model(args.model_checkpoint, name="fp32", **common)
-            int8 = export_model(args.model_checkpoint, name="int8", int8=True, calib=calib, force=True, **common)
-            fp32_path, int8_path = (r.model_dir / "1" / "model.onnx" for r in (fp32, int8))
-            sessions = {"fp32": _session(fp32_path, args.threads), "int8": _session(int8_path, args.threads)}
+            models = {"fp32": fp32}
+            for method in methods:
+                models[method_name(method)] = export_model(
+                    args.model_checkpoint, name=method_name(method).replace(":", "_").replace("+", "_"), int8=True,
+                    calib=calib, calib_max=args.calib_max, int8_val=root, force=True, int8_calibration=method[0],
+                    int8_keep_float=method[1], **common,
+                )  # fmt: skip
             val_images = list_images(root / "leftImg8bit" / "val") or list_images(root / "leftImg8bit")
             if not val_images:
                 raise DeployError(f"--data-root {root}: no images under leftImg8bit/")
             image = load_image(val_images[0], args.height, args.width)[None]
-            latency = _latency_ms(sessions, image, args.repeats)
-            miou = evaluate_miou_pair(sessions["fp32"], sessions["int8"], root, args.height, args.width)
-            size_mb = {k: path.stat().st_size / 1e6 for k, path in (("fp32", fp32_path), ("int8", int8_path))}
-            agreement = int8.meta["parity"]["argmax_agreement"]
+            # every runtime x model in one round-robin: cross-runtime figures see the same machine load too
+            backends = {
+                (runtime, key): create_backend(r.model_dir, backend=runtime, threads=args.threads)
+                for runtime in runtimes
+                for key, r in models.items()
+            }
+            times = time_interleaved(backends, image, args.repeats)
+            for runtime in runtimes:
+                fp32_ms = float(np.median(times[(runtime, "fp32")]))
+                for key, result in models.items():
+                    ms = np.asarray(times[(runtime, key)])
+                    row = {
+                        "backend": runtime,
+                        "precision": "fp32" if key == "fp32" else "int8",
+                        "method": None if key == "fp32" else key,
+                        "size": size,
+                        "threads": args.threads,
+                        "p50_ms": float(np.median(ms)),
+                        "p95_ms": float(np.percentile(ms, 95)),
+                        "img_per_s": float(1000.0 / ms.mean()),
+                        "speedup_vs_fp32": fp32_ms / float(np.median(ms)),
+                        "model_mb": (result.model_dir / "1" / "model.onnx").stat().st_size / 1e6,
+                    }
+                    i8 = result.meta["export"].get("int8")
+                    if i8:
+                        row.update(
+                            miou_fp32=i8["miou_fp32"], miou_int8=i8["miou_int8"], miou_drop=i8["miou_drop"],
+                            gate_passed=i8["gate"]["passed"], val_images=i8["val_images"],
+                            argmax_agreement_vs_torch=result.meta["parity"]["argmax_agreement"],
+                        )  # fmt: skip
+                    rows.append(row)
     except DeployError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    command = "python benchmarks/bench_int8.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    result = {
-        "command": command,
-        "checkpoint": str(args.model_checkpoint),
-        "size": [args.height, args.width],
-        "threads": args.threads,
-        "repeats": args.repeats,
-        "latency_ms": latency,
-        "speedup": latency["fp32"] / latency["int8"],
-        "model_mb": size_mb,
-        "argmax_agreement_vs_torch": agreement,
-        **miou,
-        "onnxruntime": ort.__version__,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "int8.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [
-        "# INT8 (ONNX Runtime static QDQ) vs fp32, CPU",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Input {args.height}x{args.width}, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, "
-        f"median of {args.repeats} interleaved runs on the same input.",
-        "",
-        "| model | latency (ms) | size (MB) | mIoU (val, export size) |",
-        "|---|---|---|---|",
-        f"| fp32 | {latency['fp32']:.1f} | {size_mb['fp32']:.1f} | {miou['miou_fp32']:.2f} |",
-        f"| int8 | {latency['int8']:.1f} | {size_mb['int8']:.1f} | {miou['miou_int8']:.2f} |",
-        "",
-        f"Speed-up {result['speedup']:.2f}x, mIoU change {-miou['miou_drop']:+.2f} points on {miou['val_images']} "
-        f"val images, argmax agreement with torch fp32 {100 * agreement:.2f}%.",
+    command = "python benchmarks/bench_int8.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    notes = [
+        f"Checkpoint {args.model_checkpoint}; input {size}; {args.threads} threads; median of {args.repeats} "
+        "interleaved rounds over every runtime x model (labels graph, batch 1, one val image); mIoU on the full val split at the export size, "
+        f"computed by ONNX Runtime on the logits graphs (the gate: drop <= {INT8_MAX_MIOU_DROP} point). Methods: "
+        "calibration (minmax | percentile 99.999 | entropy) : layers kept in float (first_conv, classifier); "
+        "weights int8 per-channel symmetric, activations uint8, QDQ.",
     ]
-    (out / "int8.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    for r in rows:
+        if r["precision"] == "int8":
+            verdict = "passes" if r["gate_passed"] else "FAILS"
+            notes.append(
+                f"{r['backend']} {r['method']}: {r['speedup_vs_fp32']:.2f}x fp32 of the same runtime, mIoU "
+                f"{r['miou_fp32']:.2f} -> {r['miou_int8']:.2f} ({-r['miou_drop']:+.2f}), {verdict} the gate."
+            )
+    out = Path(args.out)
+    convert_legacy(out / "int8.json")
+    payload = write_json(rows, out / "int8.json", command, notes=notes)
+    (out / "int8.md").write_text(_markdown(payload))
+    print(machine_markdown(describe_machine()))
+    print("\n".join(notes))
     return 0
+
+
+def _markdown(payload: dict) -> str:
+    """The generic per-machine tables plus the INT8 columns (method, speed-up, mIoU)."""
+    parts = ["# INT8 vs fp32 (CPU): speed per runtime, mIoU gate per method\n"]
+    for key, machine in payload["machines"].items():
+        rows = [r for r in payload["rows"] if r.get("machine") == key]
+        parts.append(f"## {key}\n")
+        if "cpu_model" in machine:
+            parts.append(machine_markdown(machine) + "\n")
+        parts.append(f"`{rows[0]['command'] if rows else ''}`\n")
+        parts.append("| runtime | precision | method | size | p50 (ms) | x fp32 (same runtime) | mIoU | drop | gate |")
+        parts.append("|---|---|---|---|---:|---:|---:|---:|---|")
+        for r in rows:
+            if r.get("precision") == "int8":
+                gate = "pass" if r.get("gate_passed") else "FAIL"
+                parts.append(
+                    f"| {r['backend']} | int8 | {r['method']} | {r['size']} | {r['p50_ms']:.1f} | "
+                    f"{r['speedup_vs_fp32']:.2f} | {r['miou_int8']:.2f} | {r['miou_drop']:.2f} | {gate} |"
+                )
+            else:
+                parts.append(f"| {r['backend']} | fp32 | | {r['size']} | {r['p50_ms']:.1f} | 1.00 | | | |")
+        parts += ["", *payload.get("notes", {}).get(key, []), ""]
+    return "\n".join(parts) + "\n"
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -24,9 +23,11 @@ import numpy as np
 
 from dass_deploy.backends import create_backend, source_checkpoint
 from dass_deploy.errors import DeployError
+from dass_deploy.machine import describe_machine, machine_markdown
 from dass_deploy.segmenter import parse_size
 
 RESULTS_DIR = Path("benchmarks/results")
+RESULTS_FORMAT = "dass-benchmark"
 
 
 def _proc_status_kb(field: str) -> int | None:
@@ -60,6 +61,10 @@ def _plan(model: str | Path | None, checkpoint: str | Path | None, device: str) 
     plan: list[tuple[str, str, str | Path]] = []
     if info.onnx_path is not None:
         plan.append(("onnxruntime", exported, model))
+        if device == "cpu" and importlib.util.find_spec("openvino") is not None:
+            plan.append(("openvino", exported, model))
+            if exported == "fp32" and _cpu_has_bf16():
+                plan.append(("openvino", "bf16", model))  # f32 layers in bfloat16: a separate, labelled row
     if device == "cuda" and info.plan_path is not None and importlib.util.find_spec("tensorrt") is not None:
         plan.append(("tensorrt", exported, model))
     if importlib.util.find_spec("torch") is not None:
@@ -70,6 +75,12 @@ def _plan(model: str | Path | None, checkpoint: str | Path | None, device: str) 
         except DeployError:
             pass  # no source checkpoint next to the export: torch is simply not compared
     return plan
+
+
+def _cpu_has_bf16() -> bool:
+    """AVX512_BF16 or AMX-BF16: OpenVINO's bf16 inference precision has native kernels here."""
+    isa = describe_machine()["isa"]
+    return bool(isa.get("avx512_bf16") or isa.get("amx_bf16"))
 
 
 def _synthetic_clip(path: Path, height: int, width: int, frames: int) -> None:
@@ -100,6 +111,28 @@ def _pipeline_fps(backend: Any, size: tuple[int, int], frames: int, tmp: Path) -
     return stats.fps
 
 
+def _row(backend: Any, precision: str, device: str, size: tuple[int, int], threads: int) -> dict[str, Any]:
+    return {
+        "backend": backend.name,
+        "precision": precision,
+        "device": device,
+        "size": f"{size[0]}x{size[1]}",
+        "threads": threads,
+    }
+
+
+def _timings(row: dict[str, Any], times: list[float]) -> dict[str, Any]:
+    ms = np.asarray(times)
+    row.update(
+        p50_ms=float(np.percentile(ms, 50)),
+        p95_ms=float(np.percentile(ms, 95)),
+        mean_ms=float(ms.mean()),
+        img_per_s=float(1000.0 / ms.mean()),
+        repeats=len(times),
+    )
+    return row
+
+
 def run_benchmark(
     model: str | Path | None = None,
     checkpoint: str | Path | None = None,
@@ -111,17 +144,23 @@ def run_benchmark(
     backends: list[str] | None = None,
     pipeline_frames: int = 0,
     progress: bool = True,
+    interleave: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per backend x precision x size: latency p50/p95 (ms), img/s, peak memory (MB), optional pipeline fps.
 
-    ``threads`` is given to every backend (ORT intra-op, torch intra-op), so CPU comparisons are like for like.
+    ``threads`` is given to every backend (ORT intra-op, OpenVINO, torch intra-op), so CPU comparisons are like for
+    like. ``interleave`` builds every backend first and times them round-robin (one run of each per repeat), so a
+    machine whose load changes during the benchmark slows all of them alike: use it for speed-up figures on a shared
+    machine. Memory is then the RSS high-water delta of each backend's build + warm-up.
     """
-    from tqdm import tqdm
-
     threads = threads or os.cpu_count() or 1
     plan = [p for p in _plan(model, checkpoint, device) if backends is None or p[0] in backends]
     if not plan:
         raise DeployError("nothing to benchmark: no backend of the requested ones can run this model here")
+    if interleave:
+        return _run_interleaved(plan, sizes, repeats, warmup, device, threads, progress)
+    from tqdm import tqdm
+
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="dass-bench-") as tmpdir:
         for name, precision, path in plan:
@@ -130,13 +169,7 @@ def run_benchmark(
             backend = create_backend(path, backend=name, device=device, threads=threads, precision=precision)
             run_sizes = sizes or [backend.input_size or (512, 1024)]
             for size in run_sizes:
-                row: dict[str, Any] = {
-                    "backend": backend.name,
-                    "precision": precision,
-                    "device": device,
-                    "size": f"{size[0]}x{size[1]}",
-                    "threads": threads,
-                }
+                row = _row(backend, precision, device, size, threads)
                 if backend.input_size and tuple(backend.input_size) != size and not backend.dynamic:
                     rows.append({**row, "skipped": f"fixed input {backend.input_size[0]}x{backend.input_size[1]}"})
                     continue
@@ -151,13 +184,9 @@ def run_benchmark(
                     t0 = time.perf_counter()
                     backend.predict(x)
                     times.append((time.perf_counter() - t0) * 1000.0)
-                ms = np.asarray(times)
                 peak_kb = _proc_status_kb("VmHWM") or 0
+                _timings(row, times)
                 row.update(
-                    p50_ms=float(np.percentile(ms, 50)),
-                    p95_ms=float(np.percentile(ms, 95)),
-                    mean_ms=float(ms.mean()),
-                    img_per_s=float(1000.0 / ms.mean()),
                     peak_mem_mb=(
                         backend.torch.cuda.max_memory_allocated() / 2**20
                         if cuda_torch
@@ -173,6 +202,58 @@ def run_benchmark(
     return rows
 
 
+def _run_interleaved(
+    plan: list[tuple[str, str, str | Path]],
+    sizes: list[tuple[int, int]] | None,
+    repeats: int,
+    warmup: int,
+    device: str,
+    threads: int,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Build + warm up every (backend, size) in turn, then time them round-robin ``repeats`` times."""
+    entries: list[tuple[Any, dict[str, Any], np.ndarray, list[float]]] = []
+    rows: list[dict[str, Any]] = []
+    for name, precision, path in plan:
+        _reset_peak_rss()
+        rss0 = _proc_status_kb("VmRSS") or 0
+        t0 = time.perf_counter()
+        try:
+            backend = create_backend(path, backend=name, device=device, threads=threads, precision=precision)
+        except DeployError as exc:  # one runtime failing here (e.g. under an ISA cap) must not lose the others
+            for size in sizes or [(512, 1024)]:
+                rows.append({"backend": name, "precision": precision, "device": device,
+                             "size": f"{size[0]}x{size[1]}", "threads": threads, "skipped": str(exc)})  # fmt: skip
+            continue
+        build_s = time.perf_counter() - t0
+        for size in sizes or [backend.input_size or (512, 1024)]:
+            row = _row(backend, precision, device, size, threads)
+            if backend.input_size and tuple(backend.input_size) != size and not backend.dynamic:
+                rows.append({**row, "skipped": f"fixed input {backend.input_size[0]}x{backend.input_size[1]}"})
+                continue
+            x = np.random.default_rng(0).uniform(0, 255, (1, 3, *size)).astype(np.float32)
+            for _ in range(warmup):
+                backend.predict(x)
+            row.update(
+                build_s=build_s,
+                peak_mem_mb=max((_proc_status_kb("VmHWM") or 0) - rss0, 0) / 1024,
+                memory_kind="RSS high-water delta (build + warm-up)",
+                interleaved=True,
+            )
+            rows.append(row)
+            entries.append((backend, row, x, []))
+    for i in range(repeats):
+        for backend, _, x, times in entries:
+            t0 = time.perf_counter()
+            backend.predict(x)
+            times.append((time.perf_counter() - t0) * 1000.0)
+        if progress:
+            print(f"dass-benchmark: round {i + 1}/{repeats} done", file=sys.stderr, flush=True)
+    for _, row, _, times in entries:
+        _timings(row, times)
+    return rows
+
+
 def speedups(rows: list[dict[str, Any]], fast: str = "onnxruntime", slow: str = "torch") -> dict[str, float]:
     """``{size: throughput(fast) / throughput(slow)}`` for fp32 rows of both backends at the same size."""
     fp32 = {
@@ -183,6 +264,23 @@ def speedups(rows: list[dict[str, Any]], fast: str = "onnxruntime", slow: str = 
         for (b, size) in fp32
         if b == fast and (slow, size) in fp32
     }
+
+
+def fastest_vs(rows: list[dict[str, Any]], slow: str = "torch") -> dict[str, dict[str, Any]]:
+    """Per size: the fastest non-``slow`` row (any precision) and its throughput over ``slow`` fp32."""
+    out: dict[str, dict[str, Any]] = {}
+    for size in sorted({r["size"] for r in rows if "img_per_s" in r}):
+        timed = [r for r in rows if r["size"] == size and "img_per_s" in r]
+        ref = [r for r in timed if r["backend"].split("-")[0] == slow and r["precision"] == "fp32"]
+        others = [r for r in timed if r["backend"].split("-")[0] != slow]
+        if ref and others:
+            best = max(others, key=lambda r: r["img_per_s"])
+            out[size] = {
+                "backend": best["backend"],
+                "precision": best["precision"],
+                "speedup": best["img_per_s"] / ref[0]["img_per_s"],
+            }
+    return out
 
 
 def to_markdown(rows: list[dict[str, Any]], command: str, notes: list[str] | None = None) -> str:
@@ -201,35 +299,94 @@ def to_markdown(rows: list[dict[str, Any]], command: str, notes: list[str] | Non
         )
     for size, ratio in speedups(rows).items():
         lines.append(f"\nONNX Runtime vs torch eager (fp32, {size}): {ratio:.2f}x throughput")
+    for size, best in fastest_vs(rows).items():
+        lines.append(
+            f"\nFastest runtime vs torch eager fp32 ({size}): {best['backend']} {best['precision']}, "
+            f"{best['speedup']:.2f}x throughput"
+        )
     lines += [f"\n{n}" for n in notes or []]
     return "\n".join(lines) + "\n"
 
 
-def save_results(rows: list[dict[str, Any]], name: str, command: str, out_dir: Path = RESULTS_DIR, notes=None) -> Path:
-    """Write ``<out_dir>/<name>.md`` and ``.json`` (rows, speed-ups, command, machine); returns the markdown path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    import onnxruntime
+def _load_results(path: Path) -> dict[str, Any]:
+    """An existing results file in the per-machine format; a file of the older one-machine format is kept as the
+    rows of an unrecorded machine, so nothing measured before is lost."""
+    empty: dict[str, Any] = {"format": RESULTS_FORMAT, "version": 1, "machines": {}, "rows": [], "notes": {}}
+    if not path.is_file():
+        return empty
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DeployError(
+            f"{path}: existing results file is not valid JSON ({exc}); move it or choose another file"
+        ) from None
+    if isinstance(old, dict) and old.get("format") == RESULTS_FORMAT:
+        return {**empty, **old}
+    if isinstance(old, dict) and isinstance(old.get("rows"), list):  # the format before machines were recorded
+        env = old.get("env", {})
+        key = f"unrecorded machine ({env.get('platform', '?')}, {env.get('cpu_count', '?')} CPUs)"
+        rows = [{**r, "machine": key, "command": old.get("command")} for r in old["rows"] if isinstance(r, dict)]
+        return {**empty, "machines": {key: {"key": key, "env": env}}, "rows": rows}
+    raise DeployError(f"{path}: not a dass benchmark results file; move it or choose another file") from None
 
-    env = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": np.__version__,
-    }
-    if "torch" in sys.modules:
-        env["torch"] = sys.modules["torch"].__version__
-    payload = {"command": command, "rows": rows, "speedups_onnxruntime_vs_torch": speedups(rows), "env": env}
-    if notes:
-        payload["notes"] = notes
-    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1))
+
+def write_json(
+    rows: list[dict[str, Any]],
+    path: str | Path,
+    command: str,
+    machine: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
+) -> dict[str, Any]:
+    """Merge ``rows`` into the results file ``path`` (JSON) and return its content.
+
+    Rows are keyed by machine (``dass_deploy.machine.machine_key``: CPU model + ISA flags + ISA cap): this machine's
+    earlier rows are replaced, every other machine's rows are kept. Each row records its command and time.
+    """
+    machine = machine or describe_machine()
+    key = machine["key"]
+    path = Path(path)
+    payload = _load_results(path)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    payload["rows"] = [r for r in payload["rows"] if r.get("machine") != key]
+    payload["rows"] += [{**r, "machine": key, "command": command, "measured_at": stamp} for r in rows]
+    payload["machines"][key] = machine
+    payload["notes"][key] = list(notes or [])
+    payload["command"] = command  # the latest one; every row has its own
+    payload["speedups_onnxruntime_vs_torch"] = speedups(rows)
+    payload["fastest_vs_torch"] = fastest_vs(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+    return payload
+
+
+def results_markdown(payload: dict[str, Any], title: str) -> str:
+    """Every machine's rows of a results file, one section per machine (the machine described first)."""
+    parts = [f"# Benchmark: {title}\n"]
+    for key, machine in payload["machines"].items():
+        rows = [r for r in payload["rows"] if r.get("machine") == key]
+        command = rows[0].get("command", "") if rows else ""
+        parts.append(f"## {key}\n")
+        if "cpu_model" in machine:
+            parts.append(machine_markdown(machine) + "\n")
+        parts.append(to_markdown(rows, command, payload.get("notes", {}).get(key)))
+    return "\n".join(parts)
+
+
+def save_results(rows: list[dict[str, Any]], name: str, command: str, out_dir: Path = RESULTS_DIR, notes=None) -> Path:
+    """Merge into ``<out_dir>/<name>.json`` (rows keyed by machine) and rewrite ``<name>.md`` from it; returns the
+    markdown path."""
+    out_dir = Path(out_dir)
+    payload = write_json(rows, out_dir / f"{name}.json", command, notes=notes)
     md = out_dir / f"{name}.md"
-    md.write_text(f"# Benchmark: {name}\n\n" + to_markdown(rows, command, notes))
+    md.write_text(results_markdown(payload, name))
     return md
 
 
 def benchmark_main(args: argparse.Namespace, argv: list[str]) -> int:
-    """``dass-segment --benchmark``: print the table and save it (``--out`` overrides benchmarks/results/)."""
+    """``dass-segment --benchmark``: print the table and save it (``--out`` overrides benchmarks/results/); with
+    ``args.json`` (``--json FILE``, optional) the rows are also merged into that file, keyed by machine."""
     sizes = [parse_size(s) for s in args.sizes.split(",")] if args.sizes else None
     backends = None if args.backend == "auto" else [args.backend]
     rows = run_benchmark(
@@ -246,6 +403,10 @@ def benchmark_main(args: argparse.Namespace, argv: list[str]) -> int:
     command = "dass-segment " + shlex.join(argv)
     name = f"segment_{args.device}"
     path = save_results(rows, name, command, args.out or RESULTS_DIR)
+    if getattr(args, "json", None):
+        write_json(rows, args.json, command)
+        print(f"merged the rows into {args.json}")
+    print(machine_markdown(describe_machine()))
     print(to_markdown(rows, command))
     print(f"saved {path} and {path.with_suffix('.json')}")
     return 0

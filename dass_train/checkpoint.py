@@ -185,14 +185,20 @@ def checkpoint_meta_default(
     iteration: int = 0,
     config: Mapping | None = None,
     metrics: Mapping | None = None,
+    align_corners: bool = False,
     **extra: Any,
 ) -> dict:
-    """Build a ``MODEL_META`` dict (plain values only); ``extra`` adds keys such as ``head`` or ``source``."""
+    """Build a ``MODEL_META`` dict (plain values only); ``extra`` adds keys such as ``head`` or ``source``.
+
+    ``align_corners`` is how the network's logits were upsampled to the input size in training and evaluation
+    (bilinear); the export graph and the torch backend must upsample the same way to reproduce its predictions.
+    """
     meta = {
         "num_classes": int(num_classes),
         "backbone": backbone,
         "feature": feature,
         "normalization": dict(normalization or CAFFE_BGR),
+        "upsampling": {"mode": "bilinear", "align_corners": bool(align_corners)},
         "class_names": list(class_names or default_class_names(num_classes)),
         "stage": stage,
         "iteration": int(iteration),
@@ -203,6 +209,17 @@ def checkpoint_meta_default(
         meta["metrics"] = dict(metrics)
     meta.update(extra)
     return meta
+
+
+def upsampling_align_corners(meta: Mapping) -> bool:
+    """``align_corners`` of the bilinear logit upsampling a checkpoint was trained with (False without the field,
+    i.e. dass checkpoints written before it existed, which all used False)."""
+    upsampling = meta.get("upsampling") if isinstance(meta, Mapping) else None
+    return bool(upsampling.get("align_corners", False)) if isinstance(upsampling, Mapping) else False
+
+
+#: The lineages of foreign checkpoints upsample logits with bilinear ``align_corners=True`` (docs/UPSAMPLING.md).
+FOREIGN_ALIGN_CORNERS = {"adaptseg": True, "bida-authors": True, "proda": True}
 
 
 # --------------------------------------------------------------------------------------------- layouts
@@ -403,11 +420,15 @@ def load_model(
 
     if layout != "dass":
         norm = PRODA_RGB if layout == "proda" else CAFFE_BGR
-        meta = checkpoint_meta_default(found_classes, found_backbone, feature, norm, source=layout, head=head)
+        meta = checkpoint_meta_default(
+            found_classes, found_backbone, feature, norm, source=layout, head=head,
+            align_corners=FOREIGN_ALIGN_CORNERS[layout],
+        )  # fmt: skip
     meta.setdefault("normalization", dict(CAFFE_BGR))
     meta.setdefault("class_names", default_class_names(found_classes))
     meta.update(num_classes=found_classes, backbone=found_backbone, feature=feature, head=head)
     report.append(f"network: DeepLab-V2 {found_backbone}, {found_classes} classes, {head} head, feature {feature}")
+    report.append(f"logit upsampling: bilinear, align_corners={upsampling_align_corners(meta)}")
     if others:
         report.append(f"entries not part of the network, not loaded: {_preview(others, 8)}")
     if layout == "adaptseg" and model.layer5.summed_branches == 4:

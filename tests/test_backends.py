@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from conftest import EXPORT_SIZE, SAMPLES, subprocess_env
 
 from dass_deploy.errors import DeployError
+from dass_deploy.machine import describe_machine, machine_key
 
 SAMPLE_IMAGES = [SAMPLES / "frankfurt_000000_000294_leftImg8bit.png", SAMPLES / "street_1024x512.png"]
 
@@ -136,10 +138,14 @@ def test_benchmark_table(model_dir, tmp_path):
         progress=False,
         threads=2,
     )
-    timed = {r["backend"]: r for r in rows if "p50_ms" in r}
-    assert set(timed) == {"onnxruntime", "torch"}
+    timed = {(r["backend"], r["precision"]): r for r in rows if "p50_ms" in r}
+    backends = {b for b, _ in timed}
+    assert {"onnxruntime", "torch"} <= backends
+    if importlib.util.find_spec("openvino") is not None:
+        assert ("openvino", "fp32") in timed
     skipped = [r for r in rows if "skipped" in r]
-    assert [r["backend"] for r in skipped] == ["onnxruntime"]  # fixed 128x256 graph; torch runs any size
+    assert {r["backend"] for r in skipped} <= {"onnxruntime", "openvino"} and skipped  # fixed 128x256 graphs
+    assert all(r["size"] == "64x128" for r in skipped)  # torch runs any size
     for r in timed.values():
         assert 0 < r["p50_ms"] <= r["p95_ms"] and r["img_per_s"] > 0 and r["peak_mem_mb"] >= 0
         assert r["pipeline_fps"] > 0 and r["pipeline_ratio"] > 0
@@ -148,3 +154,40 @@ def test_benchmark_table(model_dir, tmp_path):
     assert "| onnxruntime | fp32 | cpu | 128x256 |" in text and "ONNX Runtime vs torch eager (fp32, 128x256)" in text
     payload = json.loads(md.with_suffix(".json").read_text())
     assert payload["command"] == "dass-segment --benchmark" and "128x256" in payload["speedups_onnxruntime_vs_torch"]
+    machine = describe_machine()
+    assert payload["machines"][machine["key"]]["cpu_model"] == machine["cpu_model"]
+    assert {r["machine"] for r in payload["rows"]} == {machine["key"]}
+    assert "avx2" in machine["isa"] and "Machine: " in text
+
+
+def test_results_keep_each_machines_rows(tmp_path):
+    """Rows measured on another machine survive a new measurement here; this machine's rows are replaced."""
+    from dass_deploy.benchmark import results_markdown, write_json
+
+    here = describe_machine()
+    other = {**here, "cpu_model": "AMD Ryzen 5 5600X", "isa": {"avx2": True, "fma": True}, "isa_cap": None}
+    other["key"] = machine_key(other)
+    assert other["key"] == "AMD Ryzen 5 5600X | avx2+fma" != here["key"]
+    path = tmp_path / "runtime.json"
+    row = {"backend": "onnxruntime", "precision": "fp32", "device": "cpu", "size": "64x128", "p50_ms": 5.0,
+           "p95_ms": 6.0, "img_per_s": 190.0, "peak_mem_mb": 10.0}  # fmt: skip
+    write_json([{**row, "p50_ms": 9.0}], path, "cmd other", machine=other)
+    write_json([row], path, "cmd here 1")
+    payload = write_json([{**row, "p50_ms": 4.0}], path, "cmd here 2")
+    by_machine = {r["machine"]: r for r in payload["rows"]}
+    assert len(payload["rows"]) == 2 and set(payload["machines"]) == {here["key"], other["key"]}
+    assert by_machine[other["key"]]["p50_ms"] == 9.0 and by_machine[other["key"]]["command"] == "cmd other"
+    assert by_machine[here["key"]]["p50_ms"] == 4.0 and by_machine[here["key"]]["command"] == "cmd here 2"
+    assert json.loads(path.read_text()) == payload
+    md = results_markdown(payload, "runtime")
+    assert f"## {here['key']}" in md and "## AMD Ryzen 5 5600X | avx2+fma" in md
+
+
+def test_results_file_errors(tmp_path):
+    from dass_deploy.benchmark import write_json
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(DeployError, match="bad.json: existing results file is not valid JSON"):
+        write_json([], bad, "cmd")
+    assert bad.read_text() == "{not json"  # nothing already written is lost

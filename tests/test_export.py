@@ -151,7 +151,8 @@ def test_fp32_labels_graph_runs_and_matches_torch(fp32_export):
     from dass_train.checkpoint import load_model
 
     net, meta, _ = load_model(fp32_export.meta["source_checkpoint"]["path"])
-    graph = export_mod.ExportGraph(net, meta["normalization"], output="labels")
+    assert fp32_export.meta["upsampling"] == {"mode": "bilinear", "align_corners": True}  # the authors' lineage
+    graph = export_mod.ExportGraph(net, meta["normalization"], output="labels", align_corners=True)
     with torch.inference_mode():
         ref = graph(torch.from_numpy(image)).numpy()
     assert (ref == labels).mean() > 0.999
@@ -182,6 +183,56 @@ def test_int8_export_is_qdq_and_runs(work, ckpt, calib_dir):
     assert result.meta["precision"] == "int8" and result.meta["parity"]["real_images"] == 1
     assert 0.0 <= result.meta["parity"]["argmax_agreement"] <= 1.0
     assert "INT8 on CPU" in result.summary[-1]
+
+
+def _float_weight_convs(path: Path) -> int:
+    """Conv nodes whose weight is a plain float initializer, not the output of a DequantizeLinear."""
+    graph = onnx.load(str(path)).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return sum(1 for n in graph.node if n.op_type == "Conv" and n.input[1] not in dequantized)
+
+
+@pytest.fixture(scope="module")
+def val_root(work, samples) -> Path:
+    """A Cityscapes-layout val split holding the real Frankfurt sample (image + labelIds)."""
+    import shutil
+
+    root = work / "val_set"
+    for kind, name in (("leftImg8bit", "leftImg8bit"), ("gtFine", "gtFine_labelIds")):
+        folder = root / kind / "val" / "frankfurt"
+        folder.mkdir(parents=True)
+        shutil.copy(samples / f"frankfurt_000000_000294_{name}.png", folder)
+    return root
+
+
+def test_int8_methods_keep_layers_float_and_record_the_gate(work, ckpt, calib_dir, val_root):
+    default = export_model(
+        ckpt, out=work / "models", name="i8-default", height=H, width=W, int8=True, calib=calib_dir,
+        int8_val=val_root, force=True, **FAST,
+    )  # fmt: skip
+    i8 = default.meta["export"]["int8"]
+    assert i8["method"]["calibration"] == "percentile"
+    assert i8["method"]["float_layers"] == ["first_conv", "classifier"]
+    gate = i8["gate"]
+    assert gate["max_miou_drop"] == 1.0 and gate["miou_drop"] == pytest.approx(i8["miou_fp32"] - i8["miou_int8"])
+    assert gate["passed"] == (gate["miou_drop"] <= 1.0) and "1 images of" in gate["measured_on"]
+    on_disk = json.loads((default.model_dir / "meta.json").read_text())
+    assert on_disk["export"]["int8"]["gate"] == gate
+    # the first conv and the 4 ASPP branches of the classifier stay float; everything else is int8
+    assert _float_weight_convs(default.model_dir / "1" / "model.onnx") == 5
+
+    old = export_model(
+        ckpt, out=work / "models", name="i8-minmax", height=H, width=W, int8=True, calib=calib_dir,
+        int8_calibration="minmax", int8_keep_float=(), **FAST,
+    )  # fmt: skip
+    assert _float_weight_convs(old.model_dir / "1" / "model.onnx") == 0
+    assert old.meta["export"]["int8"]["gate"]["miou_drop"] is None  # not measured: said so, not invented
+    assert "mIoU gate not measured" in old.summary[-1]
+
+    with pytest.raises(DeployError, match="--int8-calibration"):
+        export_model(ckpt, out=work / "models", name="bad", int8=True, calib=calib_dir, int8_calibration="kl")
+    with pytest.raises(DeployError, match="--int8-keep-float"):
+        export_model(ckpt, out=work / "models", name="bad", int8=True, calib=calib_dir, int8_keep_float=["stem"])
 
 
 def test_fp16_conversion_keeps_float_io(fp32_export, tmp_path):
@@ -221,7 +272,7 @@ def test_no_overwrite_then_overwrite(work, fp32_export, authors_ckpt, capsys):
 
 def test_failed_parity_leaves_nothing(work, ckpt, monkeypatch):
     out = work / "parity_models"
-    monkeypatch.setattr(export_mod, "FP32_MAX_ABS", 0.0)  # any real float rounding now fails the check
+    monkeypatch.setattr(export_mod.parity, "FP32_MAX_ABS", 0.0)  # any real float rounding now fails the check
     with pytest.raises(DeployError, match="parity check failed"):
         export_model(ckpt, out=out, height=H, width=W, **FAST)
     assert not out.exists()  # not even the folder the export created
@@ -231,7 +282,7 @@ def test_failed_parity_leaves_nothing(work, ckpt, monkeypatch):
 def test_failed_parity_with_force_writes(work, ckpt, monkeypatch):
     out = work / "forced_models"
     out.mkdir()
-    monkeypatch.setattr(export_mod, "FP32_MAX_ABS", 0.0)
+    monkeypatch.setattr(export_mod.parity, "FP32_MAX_ABS", 0.0)
     res = export_model(ckpt, out=out, height=H, width=W, force=True, **FAST)
     assert not res.meta["parity"]["passed"] and res.meta["parity"]["forced"]
     assert [p.name for p in out.iterdir()] == ["bida_r18-fp32"]  # no temp folders left

@@ -35,7 +35,7 @@ class TorchBackend:
             raise DeployError(
                 "the torch backend needs PyTorch (pip install torch); use --backend onnxruntime"
             ) from None
-        from dass_train.checkpoint import load_model
+        from dass_train.checkpoint import load_model, upsampling_align_corners
         from dass_train.errors import UserError
 
         if precision not in PRECISIONS:
@@ -60,6 +60,7 @@ class TorchBackend:
         self.precision = precision
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
         norm = ckpt_meta["normalization"]
+        self.align_corners = upsampling_align_corners(ckpt_meta)  # as the checkpoint's lineage trained it
         self.bgr = norm.get("color", "RGB").upper() == "BGR"
         self.mean = torch.tensor(norm["mean"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(norm["std"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -84,7 +85,7 @@ class TorchBackend:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 logits = self.model(x)
             logits = torch.nn.functional.interpolate(
-                logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False
+                logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=self.align_corners
             )
             return logits.argmax(1).to(torch.uint8).cpu().numpy()
 

@@ -1,0 +1,167 @@
+"""Precision conversion of the fp32 logits graph: fp16 body, INT8 (QDQ) static quantisation."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from dass_deploy.export.images import ImageFolderReader
+
+# fp16: weights and the convolutional body in half precision, IO and normalisation / resize / argmax in float32
+
+_FP16_OPS = {"Conv", "Relu", "Add", "Sum", "MaxPool", "BatchNormalization", "Concat"}
+
+
+def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Run the CNN body (``_FP16_OPS``) in float16 with Casts at its borders; graph IO stays float32.
+
+    Written here instead of pulling in onnxconverter-common: the body of DeepLab-V2 has only a handful of op types,
+    and keeping the normalisation and the bilinear resize in float32 is what protects the argmax.
+    """
+    model = onnx.shape_inference.infer_shapes(model)
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
+    types.update({init.name: init.data_type for init in graph.initializer})
+    # Only float tensors of the body go to half; shape arithmetic (int64 Add / Concat) is left alone.
+    is_half = [
+        node.op_type in _FP16_OPS and all(types.get(name) == TensorProto.FLOAT for name in node.input if name)
+        for node in graph.node
+    ]
+    consumers: dict[str, list[int]] = defaultdict(list)
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            consumers[name].append(i)
+    half_tensors = {out for i, node in enumerate(graph.node) if is_half[i] for out in node.output}
+    for init in graph.initializer:
+        if (
+            init.data_type == TensorProto.FLOAT
+            and consumers[init.name]
+            and all(is_half[i] for i in consumers[init.name])
+        ):
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+            half_tensors.add(init.name)
+
+    # Graph outputs computed in half: rename the tensor, cast back to the original name at the end.
+    tail = []
+    for out in graph.output:
+        if out.name in half_tensors:
+            inner = out.name + "_fp16"
+            for node in graph.node:
+                node.output[:] = [inner if o == out.name else o for o in node.output]
+                node.input[:] = [inner if o == out.name else o for o in node.input]
+            half_tensors.add(inner)
+            tail.append(helper.make_node("Cast", [inner], [out.name], to=TensorProto.FLOAT, name=out.name + "_cast"))
+
+    casts: dict[tuple[str, int], str] = {}
+    nodes = []
+    for i, node in enumerate(list(graph.node)):
+        want = TensorProto.FLOAT16 if is_half[i] else TensorProto.FLOAT
+        for k, name in enumerate(node.input):
+            if not name or (name in half_tensors) == is_half[i]:
+                continue
+            key = (name, want)
+            if key not in casts:
+                casts[key] = f"{name}_to_{'fp16' if is_half[i] else 'fp32'}"
+                nodes.append(helper.make_node("Cast", [name], [casts[key]], to=want, name=casts[key] + "_cast"))
+            node.input[k] = casts[key]
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes + tail)
+    del graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(model)
+
+
+#: Calibration methods: ``minmax`` (the observed range; one outlier pixel widens every step), ``percentile`` (the
+#: 99.999th percentile of |activation|: clips rare outliers, finer steps for the rest), ``entropy`` (KL-optimal range).
+CALIBRATIONS = ("minmax", "percentile", "entropy")
+#: Layers that may be kept in float: ``first_conv`` sees the raw normalised image, ``classifier`` (ASPP) writes
+#: the logits the argmax decides on; both are small in FLOPs and the most sensitive to rounding.
+KEEP_FLOAT = ("first_conv", "classifier")
+
+
+def int8_float_nodes(model: onnx.ModelProto, keep: Sequence[str]) -> list[str]:
+    """Names of the Conv nodes ``keep`` names: the first Conv of the graph and/or the classifier, i.e. the Convs that
+    reach the logits output through non-Conv nodes only (the ASPP branches and their sum)."""
+    unknown = set(keep) - set(KEEP_FLOAT)
+    if unknown:
+        raise ValueError(f"unknown int8 float layers {sorted(unknown)}; choose from {', '.join(KEEP_FLOAT)}")
+    graph = model.graph
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    names: list[str] = []
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    if "first_conv" in keep and convs:
+        names.append(convs[0].name)
+    if "classifier" in keep:
+        producer = {out: n for n in graph.node for out in n.output}
+        stack, seen = [o.name for o in graph.output], set()
+        while stack:
+            node = producer.get(stack.pop())
+            if node is None or node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.op_type == "Conv":
+                names.append(node.name)
+            else:
+                stack.extend(node.input)
+    return list(dict.fromkeys(names))
+
+
+def quantize_int8(
+    logits_model: onnx.ModelProto,
+    out_path: Path,
+    calib_images: Sequence[Path],
+    height: int,
+    width: int,
+    symmetric: bool = False,
+    calibration: str = "minmax",
+    keep_float: Sequence[str] = (),
+) -> onnx.ModelProto:
+    """Static INT8 quantisation (QDQ, per-channel symmetric weights) of the *logits* graph, calibrated on target
+    images.
+
+    Only the CNN body (Conv, Add, MaxPool) is quantised; the normalisation in front and the bilinear resize behind
+    stay float, and so do the layers ``keep_float`` names (``KEEP_FLOAT``). ``calibration`` picks how activation
+    ranges are set (``CALIBRATIONS``). ``symmetric=True`` gives the signed, zero-point-free tensors that TensorRT's
+    explicit quantisation expects; unsigned activations are faster with ONNX Runtime's CPU kernels.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown int8 calibration {calibration!r}; choose from {', '.join(CALIBRATIONS)}")
+    work = out_path.parent
+    src, pre = work / "int8_src.onnx", work / "int8_pre.onnx"
+    onnx.save(logits_model, src)
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+    prepared = onnx.load(str(pre))
+    excluded = int8_float_nodes(prepared, keep_float)
+    onnx.save(prepared, str(pre))  # with the node names int8_float_nodes may have filled in
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }[calibration]
+    extra = {"ActivationSymmetric": symmetric, "WeightSymmetric": True}
+    if calibration == "percentile":
+        extra.update(CalibPercentile=99.999, CalibTensorRangeSymmetric=symmetric)
+    quantize_static(
+        str(pre),
+        str(out_path),
+        ImageFolderReader(calib_images, height, width),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["Conv", "Add", "MaxPool"],
+        per_channel=True,
+        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=method,
+        nodes_to_exclude=excluded,
+        extra_options=extra,
+    )
+    return onnx.load(str(out_path))
