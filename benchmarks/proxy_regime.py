@@ -158,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from dass_train.config import build_config
+    from dass_train.data.synthetic import ensure_dataset
     from dass_train.labels import CLASS_NAMES
-    from dass_train.trainer import ensure_synthetic, synthetic_settings
+    from dass_train.trainer import synthetic_settings
 
     tag = f"-{args.tag}" if args.tag else ""
     runs = REPO / "runs" / f"proxy{tag}-seed{args.seed}"
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"run.seed={args.seed}", *args.overrides]
     cfg = build_config("synth2real", overrides)
     start = time.perf_counter()
-    ensure_synthetic(cfg, progress=False)  # once, before parallel runs could race on it
+    ensure_dataset(cfg.data.synthetic_root, synthetic_settings(cfg), progress=False)  # once, before parallel runs
     common = [*overrides, f"run.out={runs}", "run.progress=false", "run.val_every=0"]
     if args.parallel > 1:
         common.append("run.threads=1")
