@@ -138,6 +138,21 @@ def _save_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option(
     "--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="Benchmark: timed runs per setup."
 )
+@click.option(
+    "--json",
+    "json_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Benchmark: also merge the rows (backend, precision, size, p50_ms, p95_ms, ...) and this machine's "
+    "description (CPU model, instruction sets, runtime versions, threads) into FILE; rows of other machines stay.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(("fp32", "bf16")),
+    default="fp32",
+    show_default=True,
+    help="Compute precision of the runtime where it has a choice: bf16 runs OpenVINO in bfloat16 (faster on CPUs "
+    "with AVX512_BF16 / AMX, labels may differ slightly); other backends run the exported graph as it is.",
+)
 @click.pass_context
 def segment(ctx: click.Context, **params: object) -> None:
     """Segment street scenes with an exported dass model (19 Cityscapes classes).
@@ -152,10 +167,14 @@ def segment(ctx: click.Context, **params: object) -> None:
       dass-segment photos/ --save overlay,labels --legend
       dass-segment drive.mp4 --backend onnxruntime
       dass-segment leftImg8bit/val --eval gtFine/val --save labelids
-      dass-segment --benchmark --sizes 512x1024 --repeats 10
+      dass-segment --benchmark --sizes 512x1024 --repeats 10 --json bench.json
+      dass-segment street.png --backend openvino --precision bf16
     """
     args = argparse.Namespace(**params)
     args.eval = args.gt_dir
+    args.json = args.json_file
+    if args.json and not args.benchmark:
+        raise click.UsageError("--json FILE is for --benchmark")
     if args.model and args.checkpoint:
         raise click.UsageError("--model and --checkpoint are mutually exclusive: give one")
     if not args.benchmark and not args.sources:
@@ -266,7 +285,12 @@ def _segment(args: argparse.Namespace, signals: Signals) -> int:
 
     start = time.perf_counter()
     seg = Segmenter(
-        args.checkpoint or args.model, backend=args.backend, device=args.device, size=args.size, threads=args.threads
+        args.checkpoint or args.model,
+        backend=args.backend,
+        device=args.device,
+        size=args.size,
+        threads=args.threads,
+        precision=args.precision,
     )
     out_dir = args.out or next_run_dir()
     out_dir.mkdir(parents=True, exist_ok=True)

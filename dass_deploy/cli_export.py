@@ -75,7 +75,26 @@ def _name_option(ctx: click.Context, param: click.Parameter, value: str | None) 
     type=click.Path(exists=True, file_okay=False),
     help="Cityscapes-layout val folder (leftImg8bit/, gtFine/): refuse INT8 if mIoU drops by more than 1 point.",
 )
+@click.option(
+    "--int8-calibration",
+    type=click.Choice(("minmax", "percentile", "entropy")),
+    default="percentile",
+    show_default=True,
+    help="How INT8 activation ranges are calibrated (percentile / entropy clip outliers; minmax keeps them).",
+)
+@click.option(
+    "--int8-keep-float",
+    default="first_conv,classifier",
+    show_default=True,
+    metavar="LAYERS",
+    help="Comma list of layers left in float in an INT8 model (first_conv, classifier), or 'none'.",
+)
 @click.option("--trt", is_flag=True, help="Also build a TensorRT plan (needs a CUDA GPU and tensorrt).")
+@click.option(
+    "--openvino",
+    is_flag=True,
+    help="Also write OpenVINO IR (1/model.xml, .bin): compiles faster than the ONNX file (needs dass[openvino]).",
+)
 @click.option(
     "--from",
     "source",
@@ -112,6 +131,10 @@ def export(**args: object) -> None:
       dass-export final.pt --trt --fp16                  # needs a CUDA GPU and 'dass[gpu]'
     """
     quiet = bool(args.pop("quiet"))
+    keep = str(args.pop("int8_keep_float"))
+    args["int8_keep_float"] = (
+        () if keep.strip().lower() == "none" else tuple(k.strip() for k in keep.split(",") if k.strip())
+    )
     with Signals() as signals:
         try:
             from dass_deploy.export import export_model

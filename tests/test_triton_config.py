@@ -138,25 +138,29 @@ def test_tensorrt_profile_matches_config(tmp_path, checkpoint):
     trt = pytest.importorskip("tensorrt", reason="needs the tensorrt package and a CUDA GPU")
     from dass_deploy.export import export_model
 
-    for dynamic in (False, True):
-        try:
-            result = export_model(
-                checkpoint, out=tmp_path / "m", name=f"trt{int(dynamic)}", height=64, width=128,
-                dynamic=dynamic, trt=True, parity_samples=1, progress=False,
-            )  # fmt: skip
-        except DeployError as exc:
-            pytest.skip(f"no TensorRT build here: {exc}")
-        config = parse(result.model_dir / "config.pbtxt")
-        engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(
-            (result.model_dir / "1" / "model.plan").read_bytes()
+    with pytest.raises(DeployError, match="one input size"):  # a -1 dim would promise what no profile keeps
+        export_model(checkpoint, out=tmp_path / "m", name="dyn", height=64, width=128, dynamic=True, trt=True)
+    try:
+        result = export_model(
+            checkpoint, out=tmp_path / "m", name="trt", height=64, width=128, trt=True, parity_samples=1, progress=False
         )
-        lo, _, hi = (list(s) for s in engine.get_tensor_profile_shape(config.input[0].name, 0))
-        assert lo[0] == 1 and hi[0] == config.max_batch_size, (lo, hi, config.max_batch_size)
-        for axis, dim in enumerate(config.input[0].dims, start=1):
-            if dim != -1:
-                assert lo[axis] == hi[axis] == dim, (axis, lo, hi, dim)
-            else:
-                pytest.fail(
-                    f"config.pbtxt promises any size on axis {axis} but the TensorRT profile takes "
-                    f"{lo[axis]}..{hi[axis]}: write the profile's range into the config (or fixed dims)"
-                )
+    except DeployError as exc:
+        pytest.skip(f"no TensorRT build here: {exc}")
+    config = parse(result.model_dir / "config.pbtxt")
+    engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(
+        (result.model_dir / "1" / "model.plan").read_bytes()
+    )
+    lo, _, hi = (list(s) for s in engine.get_tensor_profile_shape(config.input[0].name, 0))
+    assert lo[0] == 1 and hi[0] == config.max_batch_size, (lo, hi, config.max_batch_size)
+    for axis, dim in enumerate(config.input[0].dims, start=1):
+        assert dim != -1 and lo[axis] == hi[axis] == dim, (axis, lo, hi, dim)
+
+
+def test_trt_with_dynamic_sizes_is_refused_before_any_work(tmp_path, checkpoint):
+    """A TensorRT plan takes one input size; config.pbtxt cannot state a profile's range, so --trt --dynamic is a
+    one-line error (checked before TensorRT or a GPU is needed) and nothing is written."""
+    from dass_deploy.export import export_model
+
+    with pytest.raises(DeployError, match="one input size"):
+        export_model(checkpoint, out=tmp_path / "m", name="dyn", height=64, width=128, dynamic=True, trt=True)
+    assert not (tmp_path / "m").exists()

@@ -45,7 +45,7 @@ from dass_deploy.export.parity import (
 from dass_deploy.export.precision import CALIBRATIONS, KEEP_FLOAT, convert_to_fp16, quantize_int8
 from dass_deploy.export.tensorrt import build_trt_engine, require_tensorrt
 from dass_deploy.export.triton import _class_table, _sha256, _versions
-from dass_deploy.repository import ONNX_FILE, PLAN_FILE, VERSION, write_triton_config
+from dass_deploy.repository import ONNX_FILE, PLAN_FILE, VERSION, check_model_name, write_triton_config
 
 #: The INT8 method ``export_model`` uses unless told otherwise (benchmarks/results/int8.md measures the choices).
 INT8_DEFAULT_CALIBRATION = "percentile"
@@ -61,11 +61,27 @@ class ExportResult:
     summary: list[str] = field(default_factory=list)
 
 
-def _validate(height: int, width: int, output: str, fp16: bool, int8: bool, calib, int8_val, name) -> None:
+def _validate(
+    height: int,
+    width: int,
+    output: str,
+    fp16: bool,
+    int8: bool,
+    calib,
+    int8_val,
+    name,
+    trt: bool = False,
+    dynamic: bool = False,
+) -> None:
     if height < 8 or width < 8:
         raise DeployError(f"--height/--width must be at least 8, got {height}x{width}")
     if output not in ("labels", "logits"):
         raise DeployError(f"--output must be 'labels' or 'logits', got {output!r}")
+    if trt and dynamic:
+        raise DeployError(
+            "--trt builds a plan for one input size, and config.pbtxt cannot state a TensorRT profile's size range: "
+            "drop --dynamic (export the dynamic ONNX model to its own folder without --trt)"
+        )
     if fp16 and int8:
         raise DeployError("choose one of --fp16 and --int8 (with --trt, --int8 also enables fp16 kernels)")
     if int8 and calib is None:
@@ -78,8 +94,8 @@ def _validate(height: int, width: int, output: str, fp16: bool, int8: bool, cali
         raise DeployError(f"--calib folder not found: {calib}")
     if int8_val is not None and not Path(int8_val).is_dir():
         raise DeployError(f"--int8-val folder not found: {int8_val}")
-    if name is not None and (not name or name.startswith(".") or any(c in name for c in "/\\ ")):
-        raise DeployError(f"--name must be a plain folder name (no slashes, spaces or leading dot), got {name!r}")
+    if name is not None:
+        check_model_name(name)  # before any work: Triton's rules, the same check the repository writer makes
 
 
 def export_model(
@@ -117,14 +133,22 @@ def export_model(
         if progress:
             print(f"dass-export: {message}", file=sys.stderr, flush=True)
 
-    _validate(height, width, output, fp16, int8, calib, int8_val, name)
+    _validate(height, width, output, fp16, int8, calib, int8_val, name, trt, dynamic)
     if int8_calibration not in CALIBRATIONS:
         raise DeployError(f"--int8-calibration must be one of {', '.join(CALIBRATIONS)}, got {int8_calibration!r}")
     if set(int8_keep_float) - set(KEEP_FLOAT):
         raise DeployError(f"--int8-keep-float takes {', '.join(KEEP_FLOAT)}, got {', '.join(int8_keep_float)}")
     checkpoint = Path(checkpoint)
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
-    name = name or f"{checkpoint.stem}-{precision}" + ("-trt" if trt else "")
+    if name is None:
+        name = f"{checkpoint.stem}-{precision}" + ("-trt" if trt else "")
+        try:
+            check_model_name(name)
+        except DeployError:
+            raise DeployError(
+                f"the default model name {name!r} (from the checkpoint's file name) is not a valid Triton model "
+                "name: pass --name"
+            ) from None
     out = Path(out)
     dest = out / name
     if dest.exists() and not overwrite:
@@ -287,7 +311,7 @@ def _export_into(
     trt_info = None
     if trt:
         step("building TensorRT engine")
-        trt_info = build_trt_engine(onnx_path, version_dir / PLAN_FILE, height, width, dynamic,
+        trt_info = build_trt_engine(onnx_path, version_dir / PLAN_FILE, height, width,
                                     fp16=precision == "fp16", int8=precision == "int8")  # fmt: skip
 
     openvino_info = None

@@ -30,7 +30,6 @@ def build_trt_engine(
     plan_path: Path,
     height: int,
     width: int,
-    dynamic: bool,
     fp16: bool = False,
     int8: bool = False,
     max_batch: int = MAX_BATCH,
@@ -38,8 +37,8 @@ def build_trt_engine(
 ) -> dict:
     """Build a serialised TensorRT engine from the exported ONNX graph; returns the build settings for meta.json.
 
-    One optimisation profile: batch 1 / 1 / ``max_batch``; with ``dynamic`` the spatial size ranges from half to
-    twice the export size with the export size as the optimum. INT8 uses the graph's QDQ nodes (explicit
+    One optimisation profile: batch 1 / 1 / ``max_batch`` at the export size, exactly what config.pbtxt states
+    (a Triton config cannot express a profile's size range, so plans are never built with dynamic sizes). INT8 uses the graph's QDQ nodes (explicit
     quantisation: the calibration already happened in ``quantize_int8``). A timing cache next to the plan makes
     rebuilds for the same GPU fast.
     """
@@ -61,11 +60,7 @@ def build_trt_engine(
     if int8:
         config.set_flag(trt.BuilderFlag.INT8)
 
-    if dynamic:
-        lo, hi = (max(8, height // 2), max(8, width // 2)), (height * 2, width * 2)
-    else:
-        lo = hi = (height, width)
-    shapes = {"min": (1, 3, *lo), "opt": (1, 3, height, width), "max": (max_batch, 3, *hi)}
+    shapes = {"min": (1, 3, height, width), "opt": (1, 3, height, width), "max": (max_batch, 3, height, width)}
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, shapes["min"], shapes["opt"], shapes["max"])
     config.add_optimization_profile(profile)
