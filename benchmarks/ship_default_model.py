@@ -60,8 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--precision",
         default="--fp16",
-        help="dass-export precision flags (default --fp16: fp32 is ~47 MB, over the 25 MB budget in git; "
-        "INT8 lost more than the 1-point mIoU limit on these models, see benchmarks/results/int8.md)",
+        help="dass-export precision flags (default --fp16: fp32 is ~47 MB, over the 25 MB budget in git)",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also ship the adapted model in INT8 for OpenVINO (calibrated on target-train images, refused by "
+        "dass-export's gate if it loses more than 1 mIoU point on target val)",
     )
     args = p.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
@@ -73,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     target = data / "cityscapes"
     val_images, val_labels = target / "leftImg8bit" / "val", target / "gtFine" / "val"
     cards = {}
-    for stage, name in MODELS.items():
-        ckpt = ckpts[stage]
+    plan = [(stage, name, args.precision.split()) for stage, name in MODELS.items()]
+    if args.int8:
+        int8 = ["--int8", "--calib", str(target / "leftImg8bit" / "train"), "--int8-val", str(target), "--openvino"]
+        plan.append(("adapt-int8", MODELS["adapt"] + "-int8", int8))
+    for stage, name, flags in plan:
+        ckpt = ckpts[stage.split("-")[0]]
         export_cmd = [
             str(ckpt),
             "--name",
@@ -85,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             str(args.height),
             "--width",
             str(args.width),
-            *args.precision.split(),
+            *flags,
             "--overwrite",
             "--quiet",
         ]
@@ -112,7 +121,7 @@ def write_card(folder: Path, stage: str, card: dict, cards: dict, command: str) 
     meta = card["meta"]
     what = (
         "adapted with BiDA (source-only initialisation, then Eq. 12 with static, dynamic and hybrid pseudo labels)"
-        if stage == "adapt"
+        if stage.startswith("adapt")
         else "trained on the labelled source (game-like) domain only: the baseline"
     )
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
@@ -137,7 +146,7 @@ def write_card(folder: Path, stage: str, card: dict, cards: dict, command: str) 
         "|---|---:|---:|",
     ]
     for st, c in cards.items():
-        label = "BiDA-adapted" if st == "adapt" else "source-only"
+        label = {"adapt": "BiDA-adapted", "source_only": "source-only", "adapt-int8": "BiDA-adapted, INT8"}[st]
         lines.append(
             f"| {label}{' (this model)' if st == stage else ''} | {100 * c['torch_miou']:.2f} | "
             f"{100 * c['onnx_miou']:.2f} |"
@@ -152,7 +161,15 @@ def write_card(folder: Path, stage: str, card: dict, cards: dict, command: str) 
         f"- `1/model.onnx`: {meta['precision']} weights, input RGB float32 0..255 "
         f"[N,3,{meta['input']['height']},{meta['input']['width']}], output uint8 class map; parity with PyTorch: "
         f"argmax agreement {100 * meta['parity']['argmax_agreement']:.2f}%.",
-        "- `meta.json`: classes, palette, normalisation, parity figures, source checkpoint sha256.",
+        "- `meta.json`: classes, palette, normalisation, upsampling, parity figures, source checkpoint sha256.",
+        *(
+            [
+                f"- INT8 gate (`meta.json` `export.int8.gate`): mIoU drop {gate['miou_drop']:.2f} points against fp32 "
+                f"on target val (limit 1 point), passed: {gate['passed']}; `1/model.xml` / `.bin`: OpenVINO IR."
+            ]
+            if (gate := meta.get("export", {}).get("int8", {}).get("gate"))
+            else []
+        ),
         "- `config.pbtxt`: Triton Inference Server configuration.",
         f"- Total size {size:.1f} MB.",
         "",
