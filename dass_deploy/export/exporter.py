@@ -95,7 +95,10 @@ def _validate(
     if int8_val is not None and not Path(int8_val).is_dir():
         raise DeployError(f"--int8-val folder not found: {int8_val}")
     if name is not None:
-        check_model_name(name)  # before any work: Triton's rules, the same check the repository writer makes
+        try:  # before any work: Triton's rules, the same check the repository writer makes
+            check_model_name(name)
+        except DeployError as exc:
+            raise DeployError(f"--name: {exc}") from None
 
 
 def export_model(
