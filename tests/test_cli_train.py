@@ -268,3 +268,16 @@ def test_cli_reference_is_up_to_date():
     finally:
         sys.path.pop(0)
     assert (REPO / "docs" / "CLI_TRAIN.md").read_text() == render(), "run: python docs/make_cli_train_reference.py"
+
+
+def test_readme_command_reference_is_current():
+    """README.md shows the four commands' --help (docs/make_readme_reference.py); it must match the code."""
+    sys.path.insert(0, str(REPO / "docs"))
+    try:
+        from make_readme_reference import README, updated
+    finally:
+        sys.path.pop(0)
+    text = README.read_text()
+    assert updated(text) == text, "run: python docs/make_readme_reference.py"
+    for name in ("dass-train", "dass-segment", "dass-export", "dass-demo"):
+        assert f"<code>{name} --help</code>" in text
