@@ -390,16 +390,19 @@ def evaluate_checkpoint(
     import torch
 
     from dass_train import distributed
-    from dass_train.checkpoint import load_model
+    from dass_train.checkpoint import load_model, upsampling_align_corners
     from dass_train.labels import CLASS_NAMES
     from dass_train.metrics import format_table
     from dass_train.trainer import ensure_synthetic, eval_dataset, run_evaluation
 
     model, meta, report = load_model(checkpoint, freeze_bn=not target_bn)
     cfg = build_config(preset or _recorded_preset(meta), overrides)
+    # the logit upsampling is part of the model, like its normalisation: the checkpoint's, not the preset's
+    cfg.model.align_corners = upsampling_align_corners(meta)
     info = distributed.setup(cfg.run.device)
     for line in report:
         print(f"  {line}")
+    print(f"  logit upsampling: bilinear, align_corners={cfg.model.align_corners} (from the checkpoint)")
     model = model.to(info.device)
     ensure_synthetic(cfg)
     ds = eval_dataset(cfg, meta["normalization"])

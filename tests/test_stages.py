@@ -169,3 +169,21 @@ def test_rare_class_min_pixels_reaches_the_sampler(synth_root, tmp_path):
     stats = class_stats(st.source.dataset, progress=False)
     assert np.array_equal(counts[1], (stats >= 1).sum(0)) and np.array_equal(counts[2000], (stats >= 2000).sum(0))
     assert (counts[2000] < counts[1]).any()
+
+
+def test_eval_uses_the_checkpoints_upsampling(synth_root, source_only, tmp_path, capsys):
+    """`dass-train eval` takes align_corners from the checkpoint's meta (part of the model), not from the preset."""
+    from dass_train.checkpoint import save_checkpoint
+
+    payload = load_checkpoint(source_only)
+    payload["meta"]["upsampling"] = {"mode": "bilinear", "align_corners": True}
+    marked = save_checkpoint(tmp_path / "aligned.pt", payload)
+    args = tiny(synth_root, tmp_path)
+    results = {}
+    for name, ckpt in (("plain", source_only), ("aligned", marked)):
+        capsys.readouterr()
+        assert train_main(["eval", "--checkpoint", str(ckpt), "--preset", "synth2real", *args]) == 0
+        out = capsys.readouterr().out
+        results[name] = out
+    assert "align_corners=False (from the checkpoint)" in results["plain"]
+    assert "align_corners=True (from the checkpoint)" in results["aligned"]
