@@ -167,7 +167,7 @@ def write_card(folder: Path, stage: str, card: dict, cards: dict, command: str) 
                 f"- INT8 gate (`meta.json` `export.int8.gate`): mIoU drop {gate['miou_drop']:.2f} points against fp32 "
                 f"on target val (limit 1 point), passed: {gate['passed']}; `1/model.xml` / `.bin`: OpenVINO IR."
             ]
-            if (gate := meta.get("export", {}).get("int8", {}).get("gate"))
+            if (gate := ((meta.get("export") or {}).get("int8") or {}).get("gate"))
             else []
         ),
         "- `config.pbtxt`: Triton Inference Server configuration.",

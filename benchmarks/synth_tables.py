@@ -298,7 +298,12 @@ def summarize(out: Path) -> dict | None:
         diffs = [a - b for a, b in zip(row["miou"], base, strict=True)]
         m, s = _mean_std(diffs)
         spread = max(base_std, _mean_std(row["miou"])[1])
-        verdict = "" if row is summary["rows"][0] else ("yes" if abs(m) > spread else "no (within seed spread)")
+        if row is summary["rows"][0]:
+            verdict = ""
+        elif len(seeds) < 2:
+            verdict = "n/a (one seed: no spread yet)"
+        else:
+            verdict = "yes" if abs(m) > spread else "no (within seed spread)"
         rel = "" if row is summary["rows"][0] else f"{100 * m:+.2f} ± {100 * s:.2f}"
         lines.append(f"| {row['row']} | {_pm(row['miou'])} | {rel} | {verdict} |")
     lines += [
@@ -407,11 +412,9 @@ def main(argv: list[str] | None = None) -> int:
             if seed_file.is_file():
                 print(f"seed {seed}: done ({seed_file}), skipped")
                 continue
-            words = [*args.overrides, f"--parallel {args.parallel}"]
-            command = (
-                "python benchmarks/synth_tables.py --seeds " + str(seed) + " " + " ".join(shlex.quote(w) for w in words)
-            )
-            result = run_seed(seed, args, command.strip())
+            words = ["--seeds", str(seed), "--parallel", str(args.parallel), *args.overrides]
+            command = "python benchmarks/synth_tables.py " + " ".join(shlex.quote(w) for w in words)
+            result = run_seed(seed, args, command)
             seed_file.write_text(json.dumps(result, indent=1) + "\n")
             print(f"seed {seed}: written {seed_file} ({result['minutes']:.0f} min)")
             summarize(out)

@@ -95,6 +95,7 @@ def test_authors_presets_differ_from_the_paper_presets_exactly_where_documented(
         "optim.schedule",
         "loss.entropy",
         "method.dynamic_score",
+        "method.dynamic_threshold",
         "method.prototypes",
         "stages.source_only_lr",
         "stages.source_only_batch_size",
