@@ -27,6 +27,28 @@ COSINE = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 0.995, 0.
 SOFTMAX = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 
 
+def adapted_stage(checkpoint: Path):
+    """The adapt stage of a finished synth2real run, resumed from ``checkpoint``: weights, EMA memory, static-label
+    round and sampler positions, ready to draw the (source, target) batches its training would draw next."""
+    import torch
+
+    from dass_train.checkpoint import load_checkpoint
+    from dass_train.config import config_from_dict
+    from dass_train.distributed import DistInfo
+    from dass_train.stages import make_stage
+
+    cfg = config_from_dict(load_checkpoint(checkpoint)["meta"]["config"])
+    cfg.run.progress = False
+    cfg.data.num_workers = 0
+    st = make_stage(cfg, "adapt", checkpoint.parent.parent, DistInfo())
+    torch.manual_seed(1234)
+    st._build_model()
+    st.build_streams()
+    st._resume(checkpoint)
+    st.point_target_labels(st.pseudo_dir())
+    return st
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="an adapt-stage last.pt of a synth2real run (its run folder intact)")
@@ -39,23 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     from synth_tables import machine
 
     from dass_train import bida
-    from dass_train.checkpoint import load_checkpoint
-    from dass_train.config import config_from_dict
-    from dass_train.distributed import DistInfo
     from dass_train.engine import bn_statistics_frozen
-    from dass_train.stages import make_stage
 
-    state = load_checkpoint(args.checkpoint)
-    cfg = config_from_dict(state["meta"]["config"])
-    cfg.run.progress = False
-    cfg.data.num_workers = 0
-    run_dir = args.checkpoint.parent.parent
-    st = make_stage(cfg, "adapt", run_dir, DistInfo())
-    torch.manual_seed(1234)
-    st._build_model()
-    st.build_streams()
-    st._resume(args.checkpoint)  # weights, memory, label round and sampler positions of the run
-    st.point_target_labels(st.pseudo_dir())
+    st = adapted_stage(args.checkpoint)
+    cfg = st.cfg
     tau = cfg.loss.tau
     grids = {"cosine": COSINE, "softmax": SOFTMAX}
     counts = {

@@ -32,25 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/entropy_gradient.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
 
     import torch
+    from dynamic_threshold import adapted_stage
     from synth_tables import machine
 
     from dass_train import bida
-    from dass_train.checkpoint import load_checkpoint
-    from dass_train.config import config_from_dict
-    from dass_train.distributed import DistInfo
     from dass_train.engine import bn_statistics_frozen
-    from dass_train.stages import make_stage
 
-    state = load_checkpoint(args.checkpoint)
-    cfg = config_from_dict(state["meta"]["config"])
-    cfg.run.progress = False
-    cfg.data.num_workers = 0
-    st = make_stage(cfg, "adapt", args.checkpoint.parent.parent, DistInfo())
-    torch.manual_seed(1234)
-    st._build_model()
-    st.build_streams()
-    st._resume(args.checkpoint)
-    st.point_target_labels(st.pseudo_dir())
+    st = adapted_stage(args.checkpoint)
+    cfg = st.cfg
     w = cfg.loss
     params = [p for p in st.model.parameters() if p.requires_grad]
     norms: dict[str, list[float]] = {}
