@@ -31,7 +31,7 @@ from dass_train.config import Config
 from dass_train.data.domains import Stream, eval_dataset
 from dass_train.data.transforms import NORMALIZATIONS, TrainTransform, TransformConfig
 from dass_train.distributed import DistInfo, all_reduce_sum, barrier
-from dass_train.errors import CheckpointError, UserError
+from dass_train.errors import CheckpointError, ConfigError, UserError
 from dass_train.evaluation import evaluate
 from dass_train.labels import CLASS_NAMES, NUM_CLASSES, SYNTHIA_13, SYNTHIA_16
 from dass_train.network import DeepLabV2, deeplab_v2
@@ -222,8 +222,6 @@ class StageTrainer:
     def per_rank_batch(self) -> int:
         b = self.batch_size()
         if b % self.dist.world_size:
-            from dass_train.errors import ConfigError
-
             raise ConfigError(f"batch size {b} is not divisible by the {self.dist.world_size} processes")
         return b // self.dist.world_size
 
