@@ -26,12 +26,14 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synth_tables import run  # noqa: E402  (one subprocess runner for both scripts)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,16 +65,6 @@ def machine() -> dict:
         "numpy": np.__version__,
         "opencv": cv2.__version__,
     }
-
-
-def run(args: list[str], log: Path) -> None:
-    cmd = [sys.executable, "-m", "dass_train", *args]
-    with open(log, "w") as fh:
-        fh.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
-        fh.flush()
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
-    if proc.returncode:
-        raise SystemExit(f"failed ({proc.returncode}): see {log}")
 
 
 def static_label_quality(cfg, ckpt: Path, out_dir: Path) -> dict:
