@@ -1,14 +1,15 @@
 """INT8 vs fp32 on CPU, per runtime and per quantisation method: latency (same run, interleaved) and the mIoU gate.
 
     python benchmarks/bench_int8.py --model-checkpoint runs/tables-seed0/row4/adapt/last.pt \
-        --data-root data/synthetic/cityscapes [--calib DIR] [--height 128 --width 256] [--repeats 10] [--threads 2] \
-        [--methods minmax:none,percentile:first_conv+classifier] [--runtimes onnxruntime,openvino]
+        --data-root data/synthetic/cityscapes [--calib DIR] [--calib-max 300] [--height 128 --width 256] \
+        [--repeats 10] [--threads 2] [--methods nncf:none,percentile:first_conv+classifier@64] \
+        [--runtimes onnxruntime,openvino]
 
 ``--data-root`` is a Cityscapes-layout folder (``leftImg8bit/val/...`` + ``gtFine/val/...``); calibration uses
 ``leftImg8bit/train`` under it unless ``--calib`` is given. Each method is ``calibration:float_layers``
-(``dass_deploy.export.precision.CALIBRATIONS`` / ``KEEP_FLOAT``, ``none`` for no float layers); ``minmax:none`` is
-the method before this benchmark. Every INT8 model is exported with the real ``export_model`` and ``int8_val``, so
-its meta.json records the gate (mIoU drop on the val split, limit 1 point). Latency: the labels graph, batch 1,
+(``dass_deploy.export.precision.CALIBRATIONS`` / ``KEEP_FLOAT``, ``none`` for no float layers), with an optional
+``@images`` (calibration images; default ``--calib-max``); ``minmax:none@64`` is the first exporter's method.
+Every INT8 model is exported with the real ``export_model`` and ``int8_val``, so its meta.json records the gate (mIoU drop on the val split, limit 1 point). Latency: the labels graph, batch 1,
 every runtime x model timed round-robin (one run of each per round). Results are merged into
 ``benchmarks/results/int8.{md,json}``, keyed by machine (CPU model + ISA): other machines' rows stay.
 """
@@ -34,20 +35,25 @@ from dass_deploy.export import INT8_MAX_MIOU_DROP, export_model, list_images, lo
 from dass_deploy.machine import describe_machine, machine_markdown  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_METHODS = "minmax:none,percentile:none,percentile:first_conv+classifier,entropy:first_conv+classifier"
+DEFAULT_METHODS = (
+    "nncf:none,nncf:none@64,percentile:first_conv+classifier,percentile:first_conv+classifier@64,minmax:none@64"
+)
+Method = tuple[str, tuple[str, ...], int | None]
 
 
-def parse_methods(text: str) -> list[tuple[str, tuple[str, ...]]]:
+def parse_methods(text: str) -> list[Method]:
+    """``calibration:layers[@images]``; without ``@images`` a method uses ``--calib-max`` images."""
     methods = []
     for item in text.split(","):
+        item, _, images = item.partition("@")
         calibration, _, layers = item.partition(":")
         keep = () if layers in ("", "none") else tuple(layers.split("+"))
-        methods.append((calibration, keep))
+        methods.append((calibration, keep, int(images) if images else None))
     return methods
 
 
-def method_name(method: tuple[str, tuple[str, ...]]) -> str:
-    return f"{method[0]}:{'+'.join(method[1]) or 'none'}"
+def method_name(method: Method, calib_max: int) -> str:
+    return f"{method[0]}:{'+'.join(method[1]) or 'none'}@{method[2] or calib_max}"
 
 
 def time_interleaved(backends: dict, image: np.ndarray, repeats: int) -> dict:
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-checkpoint", required=True, help="trained checkpoint (.pt)")
     p.add_argument("--data-root", required=True, help="Cityscapes-layout target data (leftImg8bit/, gtFine/)")
     p.add_argument("--calib", default=None, help="calibration images (default: <data-root>/leftImg8bit/train)")
-    p.add_argument("--calib-max", type=int, default=64, help="calibration images used (default 64)")
+    p.add_argument("--calib-max", type=int, default=300, help="calibration images per method (default 300)")
     p.add_argument("--height", type=int, default=128, help="export height (default: 128)")
     p.add_argument("--width", type=int, default=256, help="export width (default: 256)")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds (default: 10)")
@@ -114,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
             fp32 = export_model(args.model_checkpoint, name="fp32", **common)
             models = {"fp32": fp32}
             for method in methods:
-                models[method_name(method)] = export_model(
-                    args.model_checkpoint, name=method_name(method).replace(":", "_").replace("+", "_"), int8=True,
-                    calib=calib, calib_max=args.calib_max, int8_val=root, force=True, int8_calibration=method[0],
-                    int8_keep_float=method[1], **common,
+                key = method_name(method, args.calib_max)
+                models[key] = export_model(
+                    args.model_checkpoint, name=key.replace(":", "_").replace("+", "_").replace("@", "_"), int8=True,
+                    calib=calib, calib_max=method[2] or args.calib_max, int8_val=root, force=True,
+                    int8_calibration=method[0], int8_keep_float=method[1], **common,
                 )  # fmt: skip
             val_images = list_images(root / "leftImg8bit" / "val") or list_images(root / "leftImg8bit")
             if not val_images:
@@ -151,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                         row.update(
                             miou_fp32=i8["miou_fp32"], miou_int8=i8["miou_int8"], miou_drop=i8["miou_drop"],
                             gate_passed=i8["gate"]["passed"], val_images=i8["val_images"],
+                            calibration_images=i8["calibration_images"],
                             argmax_agreement_vs_torch=result.meta["parity"]["argmax_agreement"],
                         )  # fmt: skip
                     rows.append(row)
@@ -163,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Checkpoint {args.model_checkpoint}; input {size}; {args.threads} threads; median of {args.repeats} "
         "interleaved rounds over every runtime x model (labels graph, batch 1, one val image); mIoU on the full val split at the export size, "
         f"computed by ONNX Runtime on the logits graphs (the gate: drop <= {INT8_MAX_MIOU_DROP} point). Methods: "
-        "calibration (minmax | percentile 99.999 | entropy) : layers kept in float (first_conv, classifier); "
-        "weights int8 per-channel symmetric, activations uint8, QDQ.",
+        "quantiser/calibration (nncf: NNCF MIXED preset + fast bias correction | ONNX Runtime minmax | percentile "
+        "99.999 | entropy) : layers kept in float (first_conv, classifier) @ calibration images; weights int8 "
+        "per-channel symmetric, activations uint8, QDQ.",
     ]
     for r in rows:
         if r["precision"] == "int8":

@@ -77,17 +77,17 @@ def _name_option(ctx: click.Context, param: click.Parameter, value: str | None) 
 )
 @click.option(
     "--int8-calibration",
-    type=click.Choice(("minmax", "percentile", "entropy")),
-    default="percentile",
-    show_default=True,
-    help="How INT8 activation ranges are calibrated (percentile / entropy clip outliers; minmax keeps them).",
+    type=click.Choice(("nncf", "minmax", "percentile", "entropy")),
+    default=None,
+    help="INT8 quantiser and calibration: nncf (NNCF with bias correction; needs dass[int8]) or ONNX Runtime's "
+    "minmax / percentile / entropy ranges. [default: nncf; percentile with --trt]",
 )
 @click.option(
     "--int8-keep-float",
-    default="first_conv,classifier",
-    show_default=True,
+    default=None,
     metavar="LAYERS",
-    help="Comma list of layers left in float in an INT8 model (first_conv, classifier), or 'none'.",
+    help="Comma list of layers left in float in an INT8 model (first_conv, classifier), or 'none'. "
+    "[default: none with nncf, first_conv,classifier otherwise]",
 )
 @click.option("--trt", is_flag=True, help="Also build a TensorRT plan (needs a CUDA GPU and tensorrt).")
 @click.option(
@@ -131,10 +131,10 @@ def export(**args: object) -> None:
       dass-export final.pt --trt --fp16                  # needs a CUDA GPU and 'dass[gpu]'
     """
     quiet = bool(args.pop("quiet"))
-    keep = str(args.pop("int8_keep_float"))
-    args["int8_keep_float"] = (
-        () if keep.strip().lower() == "none" else tuple(k.strip() for k in keep.split(",") if k.strip())
-    )
+    keep = args.pop("int8_keep_float")
+    if keep is not None:  # None: the default of the chosen quantiser
+        keep = () if keep.strip().lower() == "none" else tuple(k.strip() for k in keep.split(",") if k.strip())
+    args["int8_keep_float"] = keep
     with Signals() as signals:
         try:
             from dass_deploy.export import export_model

@@ -211,15 +211,29 @@ def test_int8_methods_keep_layers_float_and_record_the_gate(work, ckpt, calib_di
         int8_val=val_root, force=True, **FAST,
     )  # fmt: skip
     i8 = default.meta["export"]["int8"]
-    assert i8["method"]["calibration"] == "percentile"
-    assert i8["method"]["float_layers"] == ["first_conv", "classifier"]
+    # the default quantiser: NNCF with bias correction, every conv in int8
+    assert i8["method"]["calibration"] == "nncf" and i8["method"]["quantiser"].startswith("nncf ")
+    assert i8["method"]["float_layers"] == [] and i8["method"]["bias_correction"] is True
+    assert _float_weight_convs(default.model_dir / "1" / "model.onnx") == 0
     gate = i8["gate"]
     assert gate["max_miou_drop"] == 1.0 and gate["miou_drop"] == pytest.approx(i8["miou_fp32"] - i8["miou_int8"])
     assert gate["passed"] == (gate["miou_drop"] <= 1.0) and "1 images of" in gate["measured_on"]
     on_disk = json.loads((default.model_dir / "meta.json").read_text())
     assert on_disk["export"]["int8"]["gate"] == gate
-    # the first conv and the 4 ASPP branches of the classifier stay float; everything else is int8
-    assert _float_weight_convs(default.model_dir / "1" / "model.onnx") == 5
+
+    # ONNX Runtime's quantiser, the first conv and the 4 ASPP branches of the classifier kept float
+    ort_pct = export_model(
+        ckpt, out=work / "models", name="i8-percentile", height=H, width=W, int8=True, calib=calib_dir,
+        int8_calibration="percentile", int8_keep_float=("first_conv", "classifier"), **FAST,
+    )  # fmt: skip
+    assert ort_pct.meta["export"]["int8"]["method"]["quantiser"].startswith("onnxruntime ")
+    assert _float_weight_convs(ort_pct.model_dir / "1" / "model.onnx") == 5
+    # NNCF's ignored scope: the classifier's 4 branches stay float
+    nncf_cls = export_model(
+        ckpt, out=work / "models", name="i8-nncf-cls", height=H, width=W, int8=True, calib=calib_dir,
+        int8_keep_float=("classifier",), **FAST,
+    )  # fmt: skip
+    assert _float_weight_convs(nncf_cls.model_dir / "1" / "model.onnx") == 4
 
     old = export_model(
         ckpt, out=work / "models", name="i8-minmax", height=H, width=W, int8=True, calib=calib_dir,
@@ -233,6 +247,10 @@ def test_int8_methods_keep_layers_float_and_record_the_gate(work, ckpt, calib_di
         export_model(ckpt, out=work / "models", name="bad", int8=True, calib=calib_dir, int8_calibration="kl")
     with pytest.raises(DeployError, match="--int8-keep-float"):
         export_model(ckpt, out=work / "models", name="bad", int8=True, calib=calib_dir, int8_keep_float=["stem"])
+    # TensorRT needs signed symmetric QDQ, which NNCF's CPU preset does not write: refused before any work
+    with pytest.raises(DeployError, match="with --trt use percentile"):
+        export_model(ckpt, out=work / "models", name="bad", int8=True, calib=calib_dir, int8_calibration="nncf",
+                     trt=True)  # fmt: skip
 
 
 def test_fp16_conversion_keeps_float_io(fp32_export, tmp_path):

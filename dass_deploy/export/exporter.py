@@ -42,14 +42,17 @@ from dass_deploy.export.parity import (
     evaluate_miou_pair,
     ort_session,
 )
-from dass_deploy.export.precision import CALIBRATIONS, KEEP_FLOAT, convert_to_fp16, quantize_int8
+from dass_deploy.export.precision import (
+    CALIBRATIONS,
+    KEEP_FLOAT,
+    convert_to_fp16,
+    default_int8_method,
+    quantize_int8,
+    require_nncf,
+)
 from dass_deploy.export.tensorrt import build_trt_engine, require_tensorrt
 from dass_deploy.export.triton import _class_table, _sha256, _versions
 from dass_deploy.repository import ONNX_FILE, PLAN_FILE, VERSION, check_model_name, write_triton_config
-
-#: The INT8 method ``export_model`` uses unless told otherwise (benchmarks/results/int8.md measures the choices).
-INT8_DEFAULT_CALIBRATION = "percentile"
-INT8_DEFAULT_KEEP_FLOAT: tuple[str, ...] = ("first_conv", "classifier")
 
 
 @dataclass
@@ -122,10 +125,13 @@ def export_model(
     int8_val: str | os.PathLike | None = None,
     calib_max: int = 64,
     openvino: bool = False,
-    int8_calibration: str = INT8_DEFAULT_CALIBRATION,
-    int8_keep_float: Sequence[str] = INT8_DEFAULT_KEEP_FLOAT,
+    int8_calibration: str | None = None,
+    int8_keep_float: Sequence[str] | None = None,
 ) -> ExportResult:
     """Export ``checkpoint`` to ``<out>/<name>/`` (Triton layout), check parity with torch, rename into place.
+
+    ``int8_calibration`` / ``int8_keep_float`` left at None take ``default_int8_method`` (NNCF on CPU, ONNX
+    Runtime's percentile calibration for TensorRT; benchmarks/results/int8.md measures the choices).
 
     Raises ``DeployError`` for bad options, an existing destination, a missing TensorRT / GPU and failed parity
     (unless ``force``), and ``dass_train.errors.CheckpointError`` for unreadable checkpoints.
@@ -137,10 +143,15 @@ def export_model(
             print(f"dass-export: {message}", file=sys.stderr, flush=True)
 
     _validate(height, width, output, fp16, int8, calib, int8_val, name, trt, dynamic)
+    int8_calibration, int8_keep_float = default_int8_method(int8_calibration, int8_keep_float, trt)
     if int8_calibration not in CALIBRATIONS:
         raise DeployError(f"--int8-calibration must be one of {', '.join(CALIBRATIONS)}, got {int8_calibration!r}")
     if set(int8_keep_float) - set(KEEP_FLOAT):
         raise DeployError(f"--int8-keep-float takes {', '.join(KEEP_FLOAT)}, got {', '.join(int8_keep_float)}")
+    if int8 and int8_calibration == "nncf":
+        if trt:
+            raise DeployError("--int8-calibration nncf writes QDQ for the CPU runtimes; with --trt use percentile")
+        require_nncf()  # fail before the slow part
     checkpoint = Path(checkpoint)
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     if name is None:
@@ -189,7 +200,7 @@ def export_model(
             result = _export_into(
                 tmp_dir, work, step, model, ckpt_meta, report, checkpoint, name, dest, height, width, dynamic,
                 output, precision, calib_paths, trt, source, stem, force, parity_samples, int8_val, normalization,
-                openvino=openvino, int8_method=(int8_calibration, tuple(int8_keep_float)),
+                openvino=openvino, int8_method=(int8_calibration, tuple(int8_keep_float)), progress=progress,
             )  # fmt: skip
         if dest.exists():  # --overwrite: swap, then delete the old folder
             old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=out))
@@ -231,7 +242,8 @@ def _export_into(
     int8_val: str | os.PathLike | None,
     normalization: dict,
     openvino: bool = False,
-    int8_method: tuple[str, tuple[str, ...]] = ("minmax", ()),
+    int8_method: tuple[str, tuple[str, ...]] = ("nncf", ()),
+    progress: bool = False,
 ) -> ExportResult:
     """The export proper, writing into ``tmp_dir``; ``export_model`` owns the temp-folder / rename protocol."""
     from dass_train.checkpoint import upsampling_align_corners
@@ -256,7 +268,7 @@ def _export_into(
         calibration, keep_float = int8_method
         logits_model = quantize_int8(
             fp32_logits, work / "int8.onnx", calib_paths, height, width, symmetric=trt, calibration=calibration,
-            keep_float=keep_float,
+            keep_float=keep_float, progress=progress,
         )  # fmt: skip
     else:
         logits_model = fp32_logits
@@ -283,7 +295,9 @@ def _export_into(
         extra["int8"]["method"] = {
             "format": "QDQ",
             "weights": "int8 per-channel symmetric",
+            "bias_correction": int8_method[0] == "nncf",
             "activations": "int8 symmetric" if trt else "uint8 asymmetric",
+            "quantiser": _quantiser_version(int8_method[0]),
             "calibration": int8_method[0],
             "float_layers": list(int8_method[1]),
         }
@@ -407,3 +421,10 @@ def _export_into(
     if trt_info:
         summary.append(f"TensorRT {trt_info['tensorrt']} plan -> {VERSION}/{PLAN_FILE} (profile {trt_info['profile']})")
     return ExportResult(model_dir=dest, meta=meta, summary=summary)
+
+
+def _quantiser_version(calibration: str) -> str:
+    """Which quantiser wrote the QDQ graph, with its version (meta.json)."""
+    from importlib.metadata import version
+
+    return f"nncf {version('nncf')}" if calibration == "nncf" else f"onnxruntime {version('onnxruntime')}"

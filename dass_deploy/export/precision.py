@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import logging
+import os
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +15,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from dass_deploy.export.images import ImageFolderReader
+from dass_deploy.errors import DeployError
+from dass_deploy.export.graph import INPUT_NAME
+from dass_deploy.export.images import ImageFolderReader, load_image
 
 # fp16: weights and the convolutional body in half precision, IO and normalisation / resize / argmax in float32
 
@@ -76,12 +83,35 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(model)
 
 
-#: Calibration methods: ``minmax`` (the observed range; one outlier pixel widens every step), ``percentile`` (the
+#: Calibration methods. ``nncf``: NNCF's post-training quantisation (activation ranges from the calibration images,
+#: then a bias correction that restores each layer's mean output, which rounding shifts); the others are ONNX Runtime's
+#: static quantiser: ``minmax`` (the observed range; one outlier pixel widens every step), ``percentile`` (the
 #: 99.999th percentile of |activation|: clips rare outliers, finer steps for the rest), ``entropy`` (KL-optimal range).
-CALIBRATIONS = ("minmax", "percentile", "entropy")
+#: benchmarks/results/int8.md measures them on the shipped model: only ``nncf`` stays within the gate there.
+CALIBRATIONS = ("nncf", "minmax", "percentile", "entropy")
 #: Layers that may be kept in float: ``first_conv`` sees the raw normalised image, ``classifier`` (ASPP) writes
 #: the logits the argmax decides on; both are small in FLOPs and the most sensitive to rounding.
 KEEP_FLOAT = ("first_conv", "classifier")
+NNCF_EXTRA = "pip install 'dass[int8]'"
+
+
+def default_int8_method(
+    calibration: str | None, keep_float: Sequence[str] | None, trt: bool
+) -> tuple[str, tuple[str, ...]]:
+    """The INT8 method when the user names none: NNCF with every layer quantised for the CPU runtimes; for TensorRT,
+    ONNX Runtime's percentile calibration (signed symmetric QDQ, which TensorRT's explicit quantisation needs), with
+    the first conv and the classifier in float (the best ORT method on the gate, int8.md)."""
+    if calibration is None:
+        calibration = "percentile" if trt else "nncf"
+    if keep_float is None:
+        keep_float = () if calibration == "nncf" else KEEP_FLOAT
+    return calibration, tuple(keep_float)
+
+
+def require_nncf() -> None:
+    """``DeployError`` when ``--int8-calibration nncf`` is asked for without the ``nncf`` package."""
+    if importlib.util.find_spec("nncf") is None:
+        raise DeployError(f"--int8-calibration nncf needs the 'nncf' package; install it with {NNCF_EXTRA}")
 
 
 def int8_float_nodes(model: onnx.ModelProto, keep: Sequence[str]) -> list[str]:
@@ -120,22 +150,78 @@ def quantize_int8(
     height: int,
     width: int,
     symmetric: bool = False,
-    calibration: str = "minmax",
+    calibration: str = "nncf",
     keep_float: Sequence[str] = (),
+    progress: bool = False,
 ) -> onnx.ModelProto:
     """Static INT8 quantisation (QDQ, per-channel symmetric weights) of the *logits* graph, calibrated on target
     images.
 
-    Only the CNN body (Conv, Add, MaxPool) is quantised; the normalisation in front and the bilinear resize behind
-    stay float, and so do the layers ``keep_float`` names (``KEEP_FLOAT``). ``calibration`` picks how activation
-    ranges are set (``CALIBRATIONS``). ``symmetric=True`` gives the signed, zero-point-free tensors that TensorRT's
-    explicit quantisation expects; unsigned activations are faster with ONNX Runtime's CPU kernels.
+    Only the CNN body is quantised; the normalisation in front and the bilinear resize behind stay float, and so do
+    the layers ``keep_float`` names (``KEEP_FLOAT``). ``calibration`` picks the quantiser and how activation ranges
+    are set (``CALIBRATIONS``). ``symmetric=True`` gives the signed, zero-point-free tensors that TensorRT's explicit
+    quantisation expects (ONNX Runtime's quantiser only); unsigned activations are faster on CPU.
     """
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown int8 calibration {calibration!r}; choose from {', '.join(CALIBRATIONS)}")
+    if calibration == "nncf":
+        if symmetric:
+            raise DeployError("--int8-calibration nncf writes QDQ for the CPU runtimes; with --trt use percentile")
+        return _quantize_nncf(logits_model, out_path, calib_images, height, width, keep_float, progress)
+    return _quantize_ort(logits_model, out_path, calib_images, height, width, symmetric, calibration, keep_float)
+
+
+def _quantize_nncf(
+    logits_model: onnx.ModelProto,
+    out_path: Path,
+    calib_images: Sequence[Path],
+    height: int,
+    width: int,
+    keep_float: Sequence[str],
+    progress: bool,
+) -> onnx.ModelProto:
+    """NNCF post-training quantisation of the ONNX graph (``MIXED`` preset: symmetric per-channel weights, asymmetric
+    activations; fast bias correction), over every calibration image. The result is QDQ ONNX, so ONNX Runtime's gate
+    and both CPU runtimes read the same file."""
+    require_nncf()
+    import nncf
+
+    model = onnx.shape_inference.infer_shapes(logits_model)
+    excluded = int8_float_nodes(model, keep_float)
+    dataset = nncf.Dataset(list(calib_images), lambda path: {INPUT_NAME: load_image(path, height, width)[None]})
+    # NNCF draws rich progress bars on stdout: on stderr beside the export's own steps, or nowhere with --quiet
+    sink = sys.stderr if progress else open(os.devnull, "w")  # noqa: SIM115 - closed below
+    try:
+        with contextlib.redirect_stdout(sink):
+            nncf.set_log_level(logging.WARNING if progress else logging.ERROR)
+            quantized = nncf.quantize(
+                model,
+                dataset,
+                preset=nncf.QuantizationPreset.MIXED,
+                subset_size=len(calib_images),
+                ignored_scope=nncf.IgnoredScope(names=excluded) if excluded else None,
+            )
+    finally:
+        if sink is not sys.stderr:
+            sink.close()
+    onnx.save(quantized, str(out_path))
+    return quantized
+
+
+def _quantize_ort(
+    logits_model: onnx.ModelProto,
+    out_path: Path,
+    calib_images: Sequence[Path],
+    height: int,
+    width: int,
+    symmetric: bool,
+    calibration: str,
+    keep_float: Sequence[str],
+) -> onnx.ModelProto:
+    """ONNX Runtime's static quantiser: Conv, Add and MaxPool in QDQ, ranges by ``calibration``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if calibration not in CALIBRATIONS:
-        raise ValueError(f"unknown int8 calibration {calibration!r}; choose from {', '.join(CALIBRATIONS)}")
     work = out_path.parent
     src, pre = work / "int8_src.onnx", work / "int8_pre.onnx"
     onnx.save(logits_model, src)
