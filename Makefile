@@ -18,7 +18,7 @@ setup: $(VENV)/.installed
 
 # Generate the synthetic benchmark, train source-only then BiDA, evaluate, export to ONNX, segment the samples.
 demo: setup
-	$(BIN)/dass-train synth2real --name $(notdir $(RUN)) --exist-ok run.out=$(dir $(RUN))
+	$(BIN)/dass-train synth2real_demo --name $(notdir $(RUN)) --exist-ok run.out=$(dir $(RUN))
 	$(BIN)/dass-export $(RUN)/adapt/last.pt --name synth2real-demo --out $(RUN)/models --height 128 --width 256 --overwrite
 	$(BIN)/dass-segment app/examples/*.png --model $(RUN)/models/synth2real-demo --out $(RUN)/segment --overwrite --legend
 
