@@ -2,7 +2,7 @@
 settings help (intra-op threads, channels_last, torch.compile), optionally under an ISA cap (AVX2 emulation).
 
     python benchmarks/profile_train_step.py [--steps 8] [--data-root data/synthetic/gta5] [--compile]
-    python benchmarks/profile_train_step.py --isa-cap AVX2     # ONEDNN_MAX_CPU_ISA=AVX2: AVX2-only *emulation*
+    python benchmarks/profile_train_step.py --isa-cap AVX2     # oneDNN + ATen capped to AVX2: AVX2-only *emulation*
 
 The step is the synth2real source-only shape: DeepLab-V2 ResNet-18 (BatchNorm training), batch 4 crops of
 192x128 from the GTA5-layout synthetic source (resize shorter side 128, scale 0.8-1.2, flip), cross-entropy, SGD.
@@ -99,7 +99,8 @@ def main() -> int:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args()
     if args.isa_cap and os.environ.get("ONEDNN_MAX_CPU_ISA") != args.isa_cap:
-        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": args.isa_cap}
+        # oneDNN (convolutions) and ATen's own vectorised kernels (elementwise, reductions) both capped
+        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": args.isa_cap, "ATEN_CPU_CAPABILITY": args.isa_cap.lower()}
         return subprocess.call([sys.executable, *sys.argv], env=env)
 
     from dass_deploy.benchmark import write_json
