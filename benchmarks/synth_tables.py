@@ -286,29 +286,34 @@ def summarize(out: Path) -> dict | None:
         "",
         "## Table 3",
         "",
-        "| model | mIoU | vs L_base (paired) | counts? |",
-        "|---|---:|---:|---|",
-        f"| source-only | {_pm(summary['source_only'])} | | |",
-        f"| target-trained (oracle) | {_pm(summary['oracle'])} | | |",
-        f"| source-only + target BN statistics (AdaBN, no training) | {_pm(summary['adabn'])} | | |",
+        "| model | mIoU | vs previous row (paired) | counts? | vs L_base (paired) | counts? |",
+        "|---|---:|---:|---|---:|---|",
+        f"| source-only | {_pm(summary['source_only'])} | | | | |",
+        f"| target-trained (oracle) | {_pm(summary['oracle'])} | | | | |",
+        f"| source-only + target BN statistics (AdaBN, no training) | {_pm(summary['adabn'])} | | | | |",
     ]
+
+    def paired(row: list[float], ref: list[float]) -> tuple[str, str]:
+        """Mean ± std of the per-seed differences, and whether the mean exceeds the larger seed std of the two."""
+        m, s = _mean_std([a - b for a, b in zip(row, ref, strict=True)])
+        if len(seeds) < 2:
+            return f"{100 * m:+.2f}", "n/a (one seed: no spread yet)"
+        spread = max(_mean_std(row)[1], _mean_std(ref)[1])
+        return f"{100 * m:+.2f} ± {100 * s:.2f}", "yes" if abs(m) > spread else "no (within seed spread)"
+
     base = summary["rows"][0]["miou"]
-    base_std = _mean_std(base)[1]
+    previous = summary["adabn"]  # L_base's previous row: the adaptation start (AdaBN), so it shows self-training
     for row in summary["rows"]:
-        diffs = [a - b for a, b in zip(row["miou"], base, strict=True)]
-        m, s = _mean_std(diffs)
-        spread = max(base_std, _mean_std(row["miou"])[1])
-        if row is summary["rows"][0]:
-            verdict = ""
-        elif len(seeds) < 2:
-            verdict = "n/a (one seed: no spread yet)"
-        else:
-            verdict = "yes" if abs(m) > spread else "no (within seed spread)"
-        rel = "" if row is summary["rows"][0] else f"{100 * m:+.2f} ± {100 * s:.2f}"
-        lines.append(f"| {row['row']} | {_pm(row['miou'])} | {rel} | {verdict} |")
+        prev_diff, prev_verdict = paired(row["miou"], previous)
+        base_diff, base_verdict = ("", "") if row is summary["rows"][0] else paired(row["miou"], base)
+        lines.append(
+            f"| {row['row']} | {_pm(row['miou'])} | {prev_diff} | {prev_verdict} | {base_diff} | {base_verdict} |"
+        )
+        previous = row["miou"]
     lines += [
         "",
-        "A difference counts only where its mean exceeds the larger seed std of the two rows. "
+        "A difference counts only where its mean exceeds the larger seed std of the two rows; L_base's previous row is "
+        "AdaBN, the adaptation start. "
         f"Paper (GTA5 -> Cityscapes, ResNet-101): {', '.join(map(str, PAPER_ROWS))}.",
         "",
         "Per-class IoU (%), mean over seeds:",
