@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         ev = onnx_miou(out / name, val_images, val_labels)
         cards[stage] = {
             "name": name,
-            "export": "dass-export " + " ".join(shlex.quote(a) for a in export_cmd),
+            # the card shows --out relative to the repository: the same command works in any clone
+            "export": "dass-export " + " ".join(shlex.quote(_in_repo(a)) for a in export_cmd),
             "torch_miou": load_checkpoint(ckpt)["meta"]["metrics"]["miou"],
             "onnx_miou": ev["miou"],
             "meta": meta,
@@ -116,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     (out / "DEFAULT").write_text(MODELS["adapt"] + "\n")
     print(json.dumps({k: {"torch": v["torch_miou"], "onnx": v["onnx_miou"]} for k, v in cards.items()}, indent=1))
     return 0
+
+
+def _in_repo(arg: str) -> str:
+    """``arg`` relative to the repository when it is an absolute path inside it."""
+    path = Path(arg)
+    return str(path.relative_to(REPO)) if path.is_absolute() and path.is_relative_to(REPO) else arg
 
 
 def write_card(folder: Path, stage: str, card: dict, cards: dict, command: str) -> None:
