@@ -9,8 +9,9 @@
 ``leftImg8bit/train`` under it unless ``--calib`` is given. Each method is ``calibration:float_layers``
 (``dass_deploy.export.precision.CALIBRATIONS`` / ``KEEP_FLOAT``, ``none`` for no float layers), with an optional
 ``@images`` (calibration images; default ``--calib-max``); ``minmax:none@64`` is the first exporter's method.
-Every INT8 model is exported with the real ``export_model`` and ``int8_val``, so its meta.json records the gate (mIoU drop on the val split, limit 1 point). Latency: the labels graph, batch 1,
-every runtime x model timed round-robin (one run of each per round). Results are merged into
+Every INT8 model is exported with the real ``export_model`` and ``int8_val``, so its meta.json records the gate
+(mIoU drop on the val split, limit 1 point). Latency: the labels graph, batch 1, every runtime x model timed
+round-robin (one run of each per round). Results are merged into
 ``benchmarks/results/int8.{md,json}``, keyed by machine (CPU model + ISA): other machines' rows stay.
 """
 
@@ -38,22 +39,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_METHODS = (
     "nncf:none,nncf:none@64,percentile:first_conv+classifier,percentile:first_conv+classifier@64,minmax:none@64"
 )
-Method = tuple[str, tuple[str, ...], int | None]
+Method = tuple[str, tuple[str, ...], int]  # calibration, float layers, calibration images
 
 
-def parse_methods(text: str) -> list[Method]:
-    """``calibration:layers[@images]``; without ``@images`` a method uses ``--calib-max`` images."""
+def parse_methods(text: str, calib_max: int) -> list[Method]:
+    """``calibration:layers[@images]``; without ``@images`` a method uses ``calib_max`` images."""
     methods = []
     for item in text.split(","):
         item, _, images = item.partition("@")
         calibration, _, layers = item.partition(":")
         keep = () if layers in ("", "none") else tuple(layers.split("+"))
-        methods.append((calibration, keep, int(images) if images else None))
+        methods.append((calibration, keep, int(images) if images else calib_max))
     return methods
 
 
-def method_name(method: Method, calib_max: int) -> str:
-    return f"{method[0]}:{'+'.join(method[1]) or 'none'}@{method[2] or calib_max}"
+def method_name(method: Method) -> str:
+    return f"{method[0]}:{'+'.join(method[1]) or 'none'}@{method[2]}"
 
 
 def time_interleaved(backends: dict, image: np.ndarray, repeats: int) -> dict:
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(args.data_root)
     calib = Path(args.calib) if args.calib else root / "leftImg8bit" / "train"
-    methods = parse_methods(args.methods)
+    methods = parse_methods(args.methods, args.calib_max)
     runtimes = args.runtimes.split(",")
     size = f"{args.height}x{args.width}"
     rows: list[dict] = []
@@ -120,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             fp32 = export_model(args.model_checkpoint, name="fp32", **common)
             models = {"fp32": fp32}
             for method in methods:
-                key = method_name(method, args.calib_max)
+                key = method_name(method)
                 models[key] = export_model(
                     args.model_checkpoint, name=key.replace(":", "_").replace("+", "_").replace("@", "_"), int8=True,
-                    calib=calib, calib_max=method[2] or args.calib_max, int8_val=root, force=True,
+                    calib=calib, calib_max=method[2], int8_val=root, force=True,
                     int8_calibration=method[0], int8_keep_float=method[1], **common,
                 )  # fmt: skip
             val_images = list_images(root / "leftImg8bit" / "val") or list_images(root / "leftImg8bit")

@@ -149,9 +149,7 @@ def export_model(
     if set(int8_keep_float) - set(KEEP_FLOAT):
         raise DeployError(f"--int8-keep-float takes {', '.join(KEEP_FLOAT)}, got {', '.join(int8_keep_float)}")
     if int8 and int8_calibration == "nncf":
-        if trt:
-            raise DeployError("--int8-calibration nncf writes QDQ for the CPU runtimes; with --trt use percentile")
-        require_nncf()  # fail before the slow part
+        require_nncf(symmetric=trt)  # fail before the slow part
     checkpoint = Path(checkpoint)
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     if name is None:

@@ -108,8 +108,11 @@ def default_int8_method(
     return calibration, tuple(keep_float)
 
 
-def require_nncf() -> None:
-    """``DeployError`` when ``--int8-calibration nncf`` is asked for without the ``nncf`` package."""
+def require_nncf(symmetric: bool = False) -> None:
+    """``DeployError`` when ``--int8-calibration nncf`` cannot run: asked for TensorRT's signed symmetric QDQ
+    (``symmetric``), which NNCF's CPU preset does not write, or without the ``nncf`` package."""
+    if symmetric:
+        raise DeployError("--int8-calibration nncf writes QDQ for the CPU runtimes; with --trt use percentile")
     if importlib.util.find_spec("nncf") is None:
         raise DeployError(f"--int8-calibration nncf needs the 'nncf' package; install it with {NNCF_EXTRA}")
 
@@ -165,8 +168,7 @@ def quantize_int8(
     if calibration not in CALIBRATIONS:
         raise ValueError(f"unknown int8 calibration {calibration!r}; choose from {', '.join(CALIBRATIONS)}")
     if calibration == "nncf":
-        if symmetric:
-            raise DeployError("--int8-calibration nncf writes QDQ for the CPU runtimes; with --trt use percentile")
+        require_nncf(symmetric)
         return _quantize_nncf(logits_model, out_path, calib_images, height, width, keep_float, progress)
     return _quantize_ort(logits_model, out_path, calib_images, height, width, symmetric, calibration, keep_float)
 
@@ -183,27 +185,23 @@ def _quantize_nncf(
     """NNCF post-training quantisation of the ONNX graph (``MIXED`` preset: symmetric per-channel weights, asymmetric
     activations; fast bias correction), over every calibration image. The result is QDQ ONNX, so ONNX Runtime's gate
     and both CPU runtimes read the same file."""
-    require_nncf()
     import nncf
 
     model = onnx.shape_inference.infer_shapes(logits_model)
     excluded = int8_float_nodes(model, keep_float)
     dataset = nncf.Dataset(list(calib_images), lambda path: {INPUT_NAME: load_image(path, height, width)[None]})
     # NNCF draws rich progress bars on stdout: on stderr beside the export's own steps, or nowhere with --quiet
-    sink = sys.stderr if progress else open(os.devnull, "w")  # noqa: SIM115 - closed below
-    try:
-        with contextlib.redirect_stdout(sink):
-            nncf.set_log_level(logging.WARNING if progress else logging.ERROR)
-            quantized = nncf.quantize(
-                model,
-                dataset,
-                preset=nncf.QuantizationPreset.MIXED,
-                subset_size=len(calib_images),
-                ignored_scope=nncf.IgnoredScope(names=excluded) if excluded else None,
-            )
-    finally:
-        if sink is not sys.stderr:
-            sink.close()
+    with contextlib.ExitStack() as stack:
+        sink = sys.stderr if progress else stack.enter_context(open(os.devnull, "w"))
+        stack.enter_context(contextlib.redirect_stdout(sink))
+        nncf.set_log_level(logging.WARNING if progress else logging.ERROR)
+        quantized = nncf.quantize(
+            model,
+            dataset,
+            preset=nncf.QuantizationPreset.MIXED,
+            subset_size=len(calib_images),
+            ignored_scope=nncf.IgnoredScope(names=excluded) if excluded else None,
+        )
     onnx.save(quantized, str(out_path))
     return quantized
 
