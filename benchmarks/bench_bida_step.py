@@ -4,14 +4,14 @@ generation vs plain inference. Both ratios are measured in one run, interleaved,
     python benchmarks/bench_bida_step.py                       # light ResNet-18 at the synth2real crop (CPU)
     python benchmarks/bench_bida_step.py --backbone resnet101 --crop 512x512 --batch 2 --device cuda
 
-Writes benchmarks/results/bida_step_<device>.md and .json (with this command line).
+Writes benchmarks/results/bida_step_<device>.md and .json (or under --out) with this command line and the machine
+(``dass_deploy.machine``: CPU model, cores, instruction sets, library versions incl. torch, thread settings).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import statistics
 import sys
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dass_deploy.machine import describe_machine, machine_markdown
 from dass_train import bida
 from dass_train.config import LossConfig, MethodConfig
 from dass_train.labels import NUM_CLASSES
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    host = describe_machine()  # before the timing: its load average is other work, not this run
     device = torch.device(args.device)
     w, h = (int(v) for v in args.crop.lower().split("x"))
     gen = torch.Generator().manual_seed(0)
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     row = {
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "cpu": platform.processor() or platform.machine(),
+        "machine": host,
         "threads": torch.get_num_threads(),
         "backbone": args.backbone,
         "crop": [w, h],
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Device: {row['device']} ({row['threads']} threads), {args.backbone}, crop {w}x{h}, {args.batch}+{args.batch} "
         "images per step; median of interleaved steps.",
+        "",
+        machine_markdown(row["machine"]),
         "",
         "| step | ms |",
         "|---|---:|",

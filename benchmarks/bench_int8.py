@@ -4,6 +4,7 @@
         --data-root data/synthetic/cityscapes [--calib DIR] [--calib-max 300] [--height 128 --width 256] \
         [--repeats 10] [--threads 2] [--methods nncf:none,percentile:first_conv+classifier@64] \
         [--runtimes onnxruntime,openvino]
+    python benchmarks/bench_int8.py ... --runtimes openvino --isa-cap AVX2    # INT8 on an AVX2-only CPU, *emulated*
 
 ``--data-root`` is a Cityscapes-layout folder (``leftImg8bit/val/...`` + ``gtFine/val/...``); calibration uses
 ``leftImg8bit/train`` under it unless ``--calib`` is given. Each method is ``calibration:float_layers``
@@ -12,14 +13,21 @@
 Every INT8 model is exported with the real ``export_model`` and ``int8_val``, so its meta.json records the gate
 (mIoU drop on the val split, limit 1 point). Latency: the labels graph, batch 1, every runtime x model timed
 round-robin (one run of each per round). Results are merged into
-``benchmarks/results/int8.{md,json}``, keyed by machine (CPU model + ISA): other machines' rows stay.
+``benchmarks/results/int8.{md,json}`` (``--results-name``: another file per model, e.g. ``int8_r101``), keyed by
+machine (CPU model + ISA): other machines' rows stay, this machine's earlier rows are replaced.
+
+``--isa-cap AVX2`` re-runs the script with ``ONEDNN_MAX_CPU_ISA=AVX2``: OpenVINO's CPU plugin (oneDNN) then stops at
+AVX2 (no AVX-512, no VNNI of either width), which is how INT8 is measured for an AVX2-only machine
+here. ONNX Runtime's MLAS ignores the cap, so onnxruntime is refused under it. The machine key gets ``| cap AVX2``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -105,9 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="runtime intra-op threads (default: 2)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"INT8 methods (default: {DEFAULT_METHODS})")
     p.add_argument("--runtimes", default="onnxruntime,openvino", help="CPU runtimes to time (default: both)")
+    p.add_argument(
+        "--isa-cap", default=None, help="emulate a CPU limited to this oneDNN ISA (e.g. AVX2; openvino only)"
+    )
     p.add_argument("--out", default=str(RESULTS), help="results folder (default: benchmarks/results)")
+    p.add_argument("--results-name", default="int8", help="results file stem, one per model (default: int8)")
     args = p.parse_args(argv)
-    convert_legacy(Path(args.out) / "int8.json")  # before the slow part: a bad results file fails fast
+    if args.isa_cap and "onnxruntime" in args.runtimes.split(","):
+        p.error("--isa-cap: ONNX Runtime's MLAS kernels ignore ONEDNN_MAX_CPU_ISA; use --runtimes openvino")
+    if args.isa_cap and os.environ.get("ONEDNN_MAX_CPU_ISA") != args.isa_cap:
+        # oneDNN reads the cap once, when OpenVINO loads it: re-run this script with it set from the start.
+        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": args.isa_cap}
+        return subprocess.call([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])], env=env)
+    results = Path(args.out) / f"{args.results_name}.json"
+    convert_legacy(results)  # before the slow part: a bad results file fails fast
 
     root = Path(args.data_root)
     calib = Path(args.calib) if args.calib else root / "leftImg8bit" / "train"
@@ -176,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         "99.999 | entropy) : layers kept in float (first_conv, classifier) @ calibration images; weights int8 "
         "per-channel symmetric, activations uint8, QDQ.",
     ]
+    cap = describe_machine()["isa_cap"]
+    if cap:
+        notes.append(
+            f"EMULATION of a {cap}-only CPU: ONEDNN_MAX_CPU_ISA={cap} caps OpenVINO's oneDNN kernels (its INT8 "
+            "convolutions lose AVX-512 VNNI); the mIoU gate is computed by ONNX Runtime and does not depend on it."
+        )
     for r in rows:
         if r["precision"] == "int8":
             verdict = "passes" if r["gate_passed"] else "FAILS"
@@ -183,10 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['backend']} {r['method']}: {r['speedup_vs_fp32']:.2f}x fp32 of the same runtime, mIoU "
                 f"{r['miou_fp32']:.2f} -> {r['miou_int8']:.2f} ({-r['miou_drop']:+.2f}), {verdict} the gate."
             )
-    out = Path(args.out)
-    convert_legacy(out / "int8.json")
-    payload = write_json(rows, out / "int8.json", command, notes=notes)
-    (out / "int8.md").write_text(_markdown(payload))
+    convert_legacy(results)
+    payload = write_json(rows, results, command, notes=notes)
+    results.with_suffix(".md").write_text(_markdown(payload))
     print(machine_markdown(describe_machine()))
     print("\n".join(notes))
     return 0

@@ -11,7 +11,6 @@ busy shared machine does not deflate them; wall-clock figures are printed next t
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dass_deploy.machine import describe_machine, machine_markdown
 from dass_train.data import synthetic as S
 
 
@@ -76,17 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print("\n".join(lines))
     command = "python benchmarks/bench_synthetic.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    sys.path.insert(0, str(Path(__file__).parent))
-    from proxy_regime import machine
-
-    m = machine()
+    m = describe_machine()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         "# Synthetic dataset generator speed (one core)\n\n"
         f"Command: `{command.strip()}`  \n"
-        f"Machine: {m['cpu']} ({platform.machine()}), {m['cores']} cores, ISA {', '.join(m['isa']) or 'none'}; "
-        f"{platform.python_implementation()} {m['python']}, numpy {m['numpy']}, OpenCV {m['opencv']}; "
-        f"generator v{S.GENERATOR_VERSION}, OpenCV threads = 1, {args.images} images per measurement, CPU time of the process "
+        f"{machine_markdown(m)}\n\n"
+        f"Generator v{S.GENERATOR_VERSION}, OpenCV threads = 1, {args.images} images per measurement, CPU time of the process "
         "(the machine was shared; wall-clock rates in brackets).\n\n"
         "| measurement | images/s (CPU) | images/s (wall) |\n|---|---:|---:|\n"
         f"| render only: layout + one style per image (half source, half target), {size} | {r_cpu:.1f} | {r_wall:.1f} |\n"

@@ -3,8 +3,8 @@
 This used to be a ratio asserted in ``tests/test_video.py``; a speed depends on the machine and its load, so it is
 measured here and recorded with the machine instead. The model is a random-init DeepLab-V2 (speed does not depend on
 the weights) exported with the real ``export_model``; the clip pans over the real street sample. Writes
-``benchmarks/results/video_pipeline.{md,json}`` with the command, CPU model, core count, instruction sets and
-library versions.
+``benchmarks/results/video_pipeline.{md,json}`` with the command and the machine (``dass_deploy.machine``: CPU model,
+cores, instruction sets, library versions, thread settings).
 
     python benchmarks/bench_video.py [--frames 120] [--size 128x256] [--backbone resnet18] [--threads N]
 """
@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,43 +22,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from dass_deploy.machine import describe_machine, machine_markdown  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 STREET = REPO / "tests" / "data" / "cityscapes" / "street_1024x512.png"
-
-
-def machine() -> dict:
-    """CPU model, cores and the instruction sets that decide CPU inference speed, from lscpu / /proc/cpuinfo."""
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        lscpu = ""
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    flags = set(fields.get("Flags", "").split())
-    if not flags and Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    return {
-        "cpu_model": fields.get("Model name", platform.processor()).strip(),
-        "cores": os.cpu_count(),
-        "isa": {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile")},
-        "platform": platform.platform(),
-        "load_average_1_5_15min_at_start": [round(v, 2) for v in os.getloadavg()],
-    }
-
-
-def versions() -> dict:
-    import cv2
-    import numpy
-    import onnxruntime
-
-    return {
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-        "opencv": cv2.__version__,
-        "numpy": numpy.__version__,
-    }
 
 
 def make_clip(path: Path, frames: int, height: int, width: int) -> Path:
@@ -95,7 +60,8 @@ def main() -> int:
     from dass_train.network import deeplab_v2
 
     height, width = parse_size(args.size)
-    host = machine()  # before the run: the load average says how busy the (shared) machine was
+    host = describe_machine()  # before the run: the load average says how busy the (shared) machine was
+    load = [round(v, 2) for v in os.getloadavg()]
     command = "python benchmarks/bench_video.py " + shlex.join(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="dass-bench-video-") as tmp_str:
         tmp = Path(tmp_str)
@@ -138,18 +104,15 @@ def main() -> int:
         "pipeline_over_model": round(stats.fps / model_fps, 3),
         "threads": args.threads,
         "machine": host,
-        "versions": versions(),
+        "load_average_1_5_15min_at_start": load,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "video_pipeline.json").write_text(json.dumps(result, indent=1) + "\n")
-    m = result["machine"]
-    isa = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in m["isa"].items())
     md = (
         "# Video pipeline vs model-only rate\n\n"
         f"Command: `{command}`\n\n"
-        f"Machine: {m['cpu_model']}, {m['cores']} cores ({isa}); {m['platform']}; load average at start "
-        f"{' / '.join(map(str, m['load_average_1_5_15min_at_start']))} (1 / 5 / 15 min)\n\n"
-        f"Versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}\n\n"
+        f"{machine_markdown(host)} {host['platform']}; load average at start {' / '.join(map(str, load))} "
+        "(1 / 5 / 15 min).\n\n"
         f"Model: {result['model']}; {stats.frames} frames\n\n"
         "| model only (fps, mean of before / after) | decode + infer + overlay + encode (fps) | ratio |\n"
         "|---|---|---|\n"

@@ -23,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dass_deploy.machine import describe_machine, machine_markdown  # noqa: E402
+
 COSINE = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 0.995, 0.998, 0.999]
 SOFTMAX = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 
@@ -58,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/dynamic_threshold.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
 
     import torch
-    from synth_tables import machine
 
     from dass_train import bida
     from dass_train.engine import bn_statistics_frozen
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": command,
         "checkpoint": str(args.checkpoint),
-        "machine": machine(),
+        "machine": describe_machine(),
         "batches": args.batches,
         "config": {
             "tau": tau,
@@ -128,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Dynamic-label threshold T (Eq. 8): density and accuracy on the synthetic proxy",
         "",
-        f"Command: `{command}`; machine: {result['machine']['cpu']}.",
+        f"Command: `{command}`.",
+        "",
+        machine_markdown(result["machine"]),
+        "",
         f"Static labels on the same crops: density {100 * static_stats['density']:.1f} %, accuracy "
         f"{100 * (static_stats['accuracy'] or 0):.1f} %. Rule: {result['rule']}.",
         "",

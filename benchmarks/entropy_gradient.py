@@ -22,6 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dass_deploy.machine import describe_machine, machine_markdown  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from dynamic_threshold import adapted_stage
-    from synth_tables import machine
 
     from dass_train import bida
     from dass_train.engine import bn_statistics_frozen
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": command,
         "checkpoint": str(args.checkpoint),
-        "machine": machine(),
+        "machine": describe_machine(),
         "weights": {
             "seg_source": w.seg_source,
             "seg_target": w.seg_target,
@@ -85,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Entropy term: gradient norm of each weighted term of Eq. 11 (synthetic proxy)",
         "",
-        f"Command: `{command}`; machine: {result['machine']['cpu']}; weights {result['weights']}; mean over "
-        f"{args.batches} (source, target) training batches, gradient w.r.t. all trainable parameters.",
+        f"Command: `{command}`; weights {result['weights']}; mean over {args.batches} (source, target) training "
+        "batches, gradient w.r.t. all trainable parameters.",
+        "",
+        machine_markdown(result["machine"]),
         "",
         "| term | gradient norm |",
         "|---|---:|",

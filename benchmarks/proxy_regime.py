@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -33,38 +31,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synth_tables import run  # noqa: E402  (one subprocess runner for both scripts)
+from synth_tables import run  # noqa: E402  (one subprocess runner for both scripts; it puts the repo on sys.path)
+
+from dass_deploy.machine import describe_machine, machine_markdown  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"label_accuracy": 0.90, "label_density": 0.15, "ratio": (0.45, 0.70)}
-
-
-def machine() -> dict:
-    """CPU model, cores, the instruction sets that matter for CPU inference/training, library versions."""
-    import cv2
-    import numpy as np
-    import torch
-
-    model, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8") if f in flags]
-    return {
-        "cpu": model or platform.processor(),
-        "cores": len(os.sched_getaffinity(0)),
-        "isa": isa,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "opencv": cv2.__version__,
-    }
 
 
 def static_label_quality(cfg, ckpt: Path, out_dir: Path) -> dict:
@@ -196,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "seed": args.seed,
         "overrides": args.overrides,
-        "machine": machine(),
+        "machine": describe_machine(),
         "minutes": (time.perf_counter() - start) / 60,
         "train_minutes": train_minutes,
         "generator": {
@@ -236,8 +209,7 @@ def to_markdown(r: dict, class_names: tuple[str, ...]) -> str:
         f"# Proxy regime, seed {r['seed']}",
         "",
         f"Command: `{r['command']}` ({r['minutes']:.0f} min, of which {r['train_minutes']:.0f} training)  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores, ISA {', '.join(m['isa']) or 'none of avx2/avx512/amx'}; "
-        f"Python {m['python']}, torch {m['torch']}, numpy {m['numpy']}, OpenCV {m['opencv']}  ",
+        f"{machine_markdown(m)}  ",  # any stored record shape: proxy_regime*.json files predate describe_machine
         f"Generator v{g['version']}: {g['width']}x{g['height']}, counts {g['n_source']}/{g['n_target_train']}/"
         f"{g['n_target_val']}, style_shift {g['style_shift']}, class_shift {g['class_shift']} "
         "(scene priors: `dass_train.data.synthetic.SCENE_PRIORS`)  ",

@@ -35,6 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(REPO))
 
+from dass_deploy.machine import describe_machine, machine_markdown  # noqa: E402
+
 ROWS = [  # (name, overrides) in the order of Table 3
     ("L_base", ["method.use_fcl=false", "method.use_bcl=false", "method.dynamic_labels=off"]),
     ("+ L_FC", ["method.use_fcl=true", "method.use_bcl=false", "method.dynamic_labels=off"]),
@@ -60,33 +62,6 @@ def final_metrics(stage_dir: Path) -> dict:
     from dass_train.checkpoint import load_checkpoint
 
     return load_checkpoint(stage_dir / "last.pt")["meta"]["metrics"]
-
-
-def machine() -> dict:
-    import platform
-
-    import torch
-
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line
-                break
-        model = next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if "model name" in ln
-            ),
-            platform.processor(),
-        )
-    except OSError:
-        model = platform.processor()
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f" {f}" in flags]
-    import os
-
-    return {"cpu": model, "cores": os.cpu_count(), "isa": isa, "torch": torch.__version__}
 
 
 # ---------------------------------------------------------------------------------------------------- one seed
@@ -127,7 +102,7 @@ def run_seed(seed: int, args: argparse.Namespace, command: str) -> dict:
     result = {
         "seed": seed,
         "command": command,
-        "machine": machine(),
+        "machine": describe_machine(),
         "source_only": {"miou": source["miou"], "iou": source["iou"]},
         "oracle": {"miou": oracle["miou"], "iou": oracle["iou"]},
         "adabn": adabn_miou(init, seed, args, runs),
@@ -233,6 +208,15 @@ def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return "n/a" if math.isnan(m) else f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
 
 
+def machines_markdown(seeds: list[dict]) -> list[str]:
+    """One line per distinct machine paragraph, naming its seeds; seed files of any record shape (the first seeds
+    were stored before ``describe_machine``, and took an hour each: they are read as they are)."""
+    by_text: dict[str, list[int]] = {}
+    for r in seeds:
+        by_text.setdefault(machine_markdown(r.get("machine")), []).append(r["seed"])
+    return [f"Seeds {ids}: {text}" for text, ids in by_text.items()]
+
+
 def summarize(out: Path) -> dict | None:
     seeds = sorted(
         (json.loads(p.read_text()) for p in (out / "table3_seeds").glob("seed*.json")), key=lambda r: r["seed"]
@@ -273,7 +257,7 @@ def summarize(out: Path) -> dict | None:
         "",
         f"Seeds {summary['seeds']}; each seed regenerates the data and retrains everything. Commands: "
         + "; ".join(f"`{c}`" for c in summary["commands"]),
-        f"Machine(s): {sorted({m['cpu'] + ' (' + ', '.join(m['isa']) + ')' for m in summary['machines']})}.",
+        *machines_markdown(seeds),
         "mIoU (19 classes, %) on synthetic target val, last iterate, mean ± sample std over seeds.",
         "",
         "## Regime of the proxy",

@@ -136,7 +136,10 @@ def machine_key(machine: dict[str, Any]) -> str:
 
 
 def machine_markdown(machine: dict[str, Any]) -> str:
-    """One paragraph for a results .md file."""
+    """One paragraph for a results .md file. Any stored record shape is accepted (``describe_stored_machine``): an
+    old one is described by what it recorded, so Markdown can be rebuilt from results that cannot be re-measured."""
+    if not is_full_record(machine):
+        return _old_record_markdown(machine)
     versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items())
     threads = ", ".join(f"{k}={v}" for k, v in machine.get("thread_env", {}).items()) or "none set"
     text = (
@@ -149,6 +152,113 @@ def machine_markdown(machine: dict[str, Any]) -> str:
         text += f" Load average (1 min) when recorded: {machine['load_average_1m']}."
     if machine.get("emulation"):
         text += f" **Emulation**: {machine['emulation']}."
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- stored records
+# Results measured before every benchmark script used ``describe_machine`` keep the machine in the shape their script
+# wrote then; those runs took hours and cannot be redone to upgrade a record, so readers accept every shape below.
+#: shape name -> (the flags that script checked, the count its ``cores`` field held)
+OLD_SHAPES: dict[str, tuple[tuple[str, ...], str]] = {
+    "bench_video": (("avx2", "avx512f", "avx512_vnni", "amx_tile"), "logical_cpus"),
+    "proxy_regime": (("avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"), "usable_cpus"),
+    "synth_tables": (("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"), "logical_cpus"),
+    "unrecorded": ((), "logical_cpus"),  # dass_deploy.benchmark's rows from before machines were recorded
+}
+#: What a reader is told is missing from an old record, by field.
+_FIELD_NAMES = {
+    "cpu_model": "CPU model",
+    "cpu_vendor": "vendor",
+    "cpu_family": "family",
+    "cpu_model_number": "model number",
+    "physical_cores": "physical cores",
+    "thread_env": "thread env",
+}
+
+
+def is_full_record(record: Any) -> bool:
+    """True for a record written by ``describe_machine`` (what ``machine_markdown`` formats field by field)."""
+    return isinstance(record, dict) and "logical_cpus" in record and "cpu_model" in record
+
+
+def _old_shape(record: dict[str, Any]) -> str:
+    """Which script's old shape ``record`` is; the shapes differ in their keys (see ``OLD_SHAPES``)."""
+    if "load_average_1_5_15min_at_start" in record or "cpu_model" in record:
+        return "bench_video"
+    if "cpu" in record and ("python" in record or "numpy" in record):
+        return "proxy_regime"
+    if "cpu" in record:
+        return "synth_tables"
+    return "unrecorded"
+
+
+def describe_stored_machine(record: dict[str, Any] | None) -> dict[str, Any]:
+    """A stored machine record of any shape this repository has written, in ``describe_machine``'s shape.
+
+    A full record comes back as it is (plus ``recorded_by`` / ``isa_checked``). An old one keeps what it recorded;
+    what it did not record is None (never guessed from this machine), ``isa`` holds only the flags its script
+    checked (``isa_checked``), and ``recorded_by`` names the old shape.
+    """
+    record = record if isinstance(record, dict) else {}
+    if is_full_record(record):
+        return {"recorded_by": "describe_machine", "isa_checked": list(ISA_FLAGS), **record}
+    shape = _old_shape(record)
+    checked, cores_field = OLD_SHAPES[shape]
+    isa = record.get("isa")
+    present = {flag for flag, on in isa.items() if on} if isinstance(isa, dict) else set(isa or ())
+    if isinstance(isa, dict):
+        checked = tuple(isa)
+    env = record.get("env") if isinstance(record.get("env"), dict) else {}
+    versions = {k: str(v) for k, v in env.items() if k not in ("platform", "cpu_count")}
+    versions.update({k: str(record[k]) for k in ("python", "torch", "numpy", "opencv") if k in record})
+    load = record.get("load_average_1_5_15min_at_start")
+    machine: dict[str, Any] = {
+        "cpu_model": record.get("cpu_model") or record.get("cpu"),
+        "cpu_vendor": None,
+        "cpu_family": None,
+        "cpu_model_number": None,
+        "logical_cpus": None,
+        "physical_cores": None,
+        "usable_cpus": None,
+        "isa": {flag: flag in present for flag in checked},
+        "isa_checked": list(checked),
+        "isa_cap": None,
+        "emulation": None,
+        "platform": record.get("platform") or env.get("platform"),
+        "versions": versions,
+        "thread_env": None,
+        "load_average_1m": load[0] if isinstance(load, list) and load else None,
+        "recorded_by": "no machine record, older results" if shape == "unrecorded" else f"old {shape} record",
+    }
+    machine[cores_field] = record.get("cores", env.get("cpu_count"))
+    machine["key"] = record.get("key") or machine_key(machine)
+    return machine
+
+
+def _old_record_markdown(record: dict[str, Any] | None) -> str:
+    """An old record's paragraph: what it recorded, which flags it checked and what it did not record (so a reader
+    does not take a gap in the record for an absent feature)."""
+    m = describe_stored_machine(record)
+    cpus = ", ".join(
+        f"{m[field]} {label}"
+        for field, label in (("logical_cpus", "logical CPUs"), ("usable_cpus", "usable CPUs"))
+        if m[field] is not None
+    )
+    if m["isa_checked"]:
+        isa = f"{isa_summary(m['isa'])} (of {', '.join(m['isa_checked'])} checked)"
+    else:
+        isa = "not recorded"
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items()) or "not recorded"
+    missing = [name for field, name in _FIELD_NAMES.items() if m[field] is None]
+    text = f"Machine ({m['recorded_by']}): {m['cpu_model'] or 'CPU model not recorded'}"
+    text += f", {cpus}" if cpus else ""
+    text += f"; ISA: {isa}; versions: {versions}"
+    text += f"; {m['platform']}" if m["platform"] else ""
+    text += "."
+    if m["load_average_1m"] is not None:
+        text += f" Load average (1 min) when recorded: {m['load_average_1m']}."
+    if missing:
+        text += f" Not recorded: {', '.join(missing)}."
     return text
 
 

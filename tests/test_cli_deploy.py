@@ -52,6 +52,14 @@ def test_backend_choices_come_from_the_backends_registry():
     assert all(name in result.output for name in BACKENDS)
 
 
+def test_int8_calibration_choices_are_the_exporters():
+    """The click option lists the quantisers by hand (importing precision would pull onnx into --help)."""
+    from dass_deploy.export.precision import CALIBRATIONS
+
+    (option,) = [p for p in export.params if p.name == "int8_calibration"]
+    assert tuple(option.type.choices) == CALIBRATIONS
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [

@@ -92,7 +92,7 @@ def test_presets_lists_each_preset_with_the_first_comment_line():
     assert set(lines) == {
         "gta2city", "gta2city_authors", "synthia2city", "synthia2city_authors", "synth2real", "synth2real_demo"
     }  # fmt: skip
-    assert lines["synth2real_demo"].startswith("What `make demo` trains: synth2real with half of its training")
+    assert lines["synth2real_demo"].startswith("What `make demo` trains: synth2real with a third of its training")
     assert lines["gta2city"].startswith("GTA5 -> Cityscapes")
     assert lines["synthia2city"].startswith("SYNTHIA-RAND-CITYSCAPES -> Cityscapes")
     assert lines["gta2city_authors"].startswith("GTA5 -> Cityscapes as the authors' public code runs it")
