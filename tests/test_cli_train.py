@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -207,6 +208,13 @@ def test_short_form_runs_a_real_tiny_training(synth_root, tmp_path):
     ckpt = load_checkpoint(tmp_path / "t" / "source_only" / "last.pt")
     assert ckpt["iteration"] == 2 and ckpt["meta"]["stage"] == "source_only"
     assert "Summary of" in proc.stdout
+    # benchmarks/time_demo.py reads make demo's figures from this summary
+    spec = importlib.util.spec_from_file_location("time_demo", REPO / "benchmarks" / "time_demo.py")
+    time_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(time_demo)
+    parsed = time_demo.parse_log(proc.stdout)
+    assert parsed["miou_source_only"] == pytest.approx(100 * ckpt["meta"]["metrics"]["miou"], abs=0.005)
+    assert parsed["train_min"] is not None and parsed["miou_bida"] is None
     saved = yaml.safe_load((tmp_path / "t" / "config.yaml").read_text())
     assert saved["stages"]["source_only_iters"] == 2
 
