@@ -77,9 +77,10 @@ def _name_option(ctx: click.Context, param: click.Parameter, value: str | None) 
 )
 @click.option(
     "--int8-calibration",
-    type=click.Choice(("nncf", "minmax", "percentile", "entropy")),
+    type=click.Choice(("nncf", "nncf-accuracy", "minmax", "percentile", "entropy")),
     default=None,
-    help="INT8 quantiser and calibration: nncf (NNCF with bias correction; needs dass[int8]) or ONNX Runtime's "
+    help="INT8 quantiser and calibration: nncf (NNCF with bias correction; needs dass[int8]), nncf-accuracy (nncf, "
+    "then the layers that cost the most mIoU on --int8-val go back to float until the gate holds) or ONNX Runtime's "
     "minmax / percentile / entropy ranges. [default: nncf; percentile with --trt]",
 )
 @click.option(

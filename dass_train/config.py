@@ -66,6 +66,10 @@ class ModelConfig:
     # Bilinear logit upsampling, part of the model like its normalisation (saved in every checkpoint's meta):
     # the BiDA authors' network uses align_corners=True in training, pseudo labelling and evaluation.
     align_corners: bool = False
+    # Random init only (init: null, trainable BN): start every residual branch at zero (its last BN scale = 0), so
+    # a deep from-scratch ResNet-101 begins as a shallow net and its residual stream does not grow block by block
+    # (Goyal et al., 2017). Off in every preset: the synth2real tables were measured without it.
+    zero_init_residual: bool = False
 
 
 @dataclass
@@ -350,6 +354,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("stages.source_only_batch_size must be >= 1 (or null for optim.batch_size)")
     if cfg.optim.rounds < 1 or not 0.0 < cfg.optim.round_decay <= 1.0:
         raise ConfigError("optim.rounds must be >= 1 and optim.round_decay in (0, 1]")
+    if cfg.model.zero_init_residual and (cfg.model.freeze_bn or cfg.model.init):
+        raise ConfigError(
+            "model.zero_init_residual needs model.freeze_bn=false and model.init=null (a frozen zero scale would "
+            "switch the residual branches off; pretrained weights replace the init)"
+        )
     if cfg.data.rare_class_min_pixels < 1:
         raise ConfigError("data.rare_class_min_pixels must be >= 1")
     for name in ("synthetic_style_shift", "synthetic_class_shift"):

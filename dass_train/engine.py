@@ -34,7 +34,7 @@ from dass_train.distributed import DistInfo, all_reduce_sum, barrier
 from dass_train.errors import CheckpointError, ConfigError, UserError
 from dass_train.evaluation import evaluate
 from dass_train.labels import CLASS_NAMES, NUM_CLASSES, SYNTHIA_13, SYNTHIA_16
-from dass_train.network import DeepLabV2, deeplab_v2
+from dass_train.network import DeepLabV2, deeplab_v2, zero_init_residual_
 from dass_train.schedules import poly_factor
 
 
@@ -76,6 +76,9 @@ def init_model(model: DeepLabV2, cfg: Config, init_checkpoint: Path | None, log)
     if cfg.model.init:
         for line in load_init_weights(model, cfg.model.init):
             log(line)
+        return
+    if cfg.model.zero_init_residual:
+        log(f"random initialisation (model.init is null), {zero_init_residual_(model)} residual branches at zero")
         return
     log("random initialisation (model.init is null)")
 

@@ -281,6 +281,16 @@ class DeepLabV2(nn.Module):
         return [{"params": body, "lr": lr}, {"params": head, "lr": 10 * lr}]
 
 
+def zero_init_residual_(model: DeepLabV2) -> int:
+    """Zero the scale of the last BatchNorm of every residual branch (``bn3`` / ``bn2``): each block starts as the
+    identity, which keeps a randomly initialised deep ResNet's activations from growing with depth. In place;
+    returns the number of blocks."""
+    blocks = [m for m in model.modules() if isinstance(m, (Bottleneck, BasicBlock))]
+    for block in blocks:
+        nn.init.zeros_((block.bn3 if isinstance(block, Bottleneck) else block.bn2).weight)
+    return len(blocks)
+
+
 def deeplab_v2(
     num_classes: int = 19,
     backbone: str = "resnet101",

@@ -241,6 +241,36 @@ def test_int8_gate_refuses_a_large_mIoU_drop(model_dir, checkpoint, int8_data, t
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_nncf_accuracy_refuses_a_model_it_had_to_put_back_in_float(model_dir, checkpoint, int8_data, tmp_path, capsys):
+    """The model the gate refuses above (random-init, ground truth = its own fp32 labels): accuracy control puts
+    convolutions back in float, those that cost the most mIoU first, until the drop is within 1 point; here that
+    takes every one of them, and an "INT8" model without an INT8 convolution is refused, not shipped."""
+    from dass_deploy.segmenter import Segmenter
+
+    fp32 = Segmenter(model_dir)
+    _write_labels(int8_data["val"], fp32.predict)
+    out = tmp_path / "models"
+    argv = [str(checkpoint), "--out", str(out), "--height", "128", "--width", "256", "--int8", "--quiet"]
+    argv += ["--calib", str(int8_data["calib"]), "--int8-val", str(int8_data["val"])]
+    code = export_main([*argv, "--int8-calibration", "nncf-accuracy"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "nncf-accuracy returned all 24 convolutions to float" in err and "nothing written" in err
+    assert "INT8 mIoU drop" not in err  # the gate itself holds: it is the speed that is gone
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_nncf_accuracy_needs_a_val_set(checkpoint, int8_data, tmp_path, capsys):
+    argv = [str(checkpoint), "--out", str(tmp_path), "--int8", "--calib", str(int8_data["calib"]), "--quiet"]
+    code = export_main([*argv, "--int8-calibration", "nncf-accuracy"])
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and err == "error: --int8-calibration nncf-accuracy needs --int8-val (the mIoU it keeps within the gate)\n"
+    )
+    assert not any(tmp_path.iterdir())
+
+
 def test_int8_gate_accepts_when_int8_keeps_the_mIoU(checkpoint, int8_data, tmp_path, capsys):
     """A network whose road logit dominates everywhere (a +1000 classifier bias): fp32 and INT8 both label every
     pixel road, as the ground truth does; the drop is 0 and the model is written with both mIoUs recorded."""

@@ -113,3 +113,10 @@ def test_preset_inheritance_cycle_is_one_line_error(tmp_path):
     b.write_text(f"inherit: {a}\n")
     with pytest.raises(ConfigError, match="cycle"):
         build_config(str(a))
+
+
+@pytest.mark.parametrize("override", ["model.freeze_bn=true", "model.init=weights/r101.pth"])
+def test_zero_init_residual_only_for_random_init_with_trainable_bn(override):
+    assert build_config("synth2real", ["model.zero_init_residual=true"]).model.zero_init_residual
+    with pytest.raises(ConfigError, match="model.zero_init_residual needs model.freeze_bn=false and model.init=null"):
+        build_config("synth2real", ["model.zero_init_residual=true", override])

@@ -254,3 +254,16 @@ def test_bad_arguments():
 def test_normalization_constants():
     assert CAFFE_BGR == {"color": "BGR", "mean": [104.008, 116.669, 122.679], "std": [1.0, 1.0, 1.0]}
     assert IMAGENET_RGB["color"] == "RGB" and IMAGENET_RGB["std"] == [58.395, 57.12, 57.375]
+
+
+@pytest.mark.parametrize("backbone, blocks", [("resnet18", 8), ("resnet101", 33)])
+def test_zero_init_residual_starts_every_block_as_the_identity(backbone, blocks):
+    from dass_train.network import zero_init_residual_
+
+    torch.manual_seed(0)
+    model = deeplab_v2(19, backbone, freeze_bn=False)
+    assert zero_init_residual_(model) == blocks
+    block = model.layer3[1]  # no downsample: the block's output is relu(branch + x)
+    x = torch.rand(2, block.conv1.in_channels, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(block.train()(x), x)  # the zero BN scale silences the branch, x >= 0 passes the ReLU

@@ -47,6 +47,7 @@ from dass_deploy.export.precision import (
     KEEP_FLOAT,
     convert_to_fp16,
     default_int8_method,
+    float_convs,
     quantize_int8,
     require_nncf,
 )
@@ -148,8 +149,10 @@ def export_model(
         raise DeployError(f"--int8-calibration must be one of {', '.join(CALIBRATIONS)}, got {int8_calibration!r}")
     if set(int8_keep_float) - set(KEEP_FLOAT):
         raise DeployError(f"--int8-keep-float takes {', '.join(KEEP_FLOAT)}, got {', '.join(int8_keep_float)}")
-    if int8 and int8_calibration == "nncf":
+    if int8 and int8_calibration.startswith("nncf"):
         require_nncf(symmetric=trt)  # fail before the slow part
+    if int8 and int8_calibration == "nncf-accuracy" and int8_val is None:
+        raise DeployError("--int8-calibration nncf-accuracy needs --int8-val (the mIoU it keeps within the gate)")
     checkpoint = Path(checkpoint)
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     if name is None:
@@ -266,7 +269,7 @@ def _export_into(
         calibration, keep_float = int8_method
         logits_model = quantize_int8(
             fp32_logits, work / "int8.onnx", calib_paths, height, width, symmetric=trt, calibration=calibration,
-            keep_float=keep_float, progress=progress,
+            keep_float=keep_float, progress=progress, val_root=Path(int8_val) if int8_val is not None else None,
         )  # fmt: skip
     else:
         logits_model = fp32_logits
@@ -293,11 +296,14 @@ def _export_into(
         extra["int8"]["method"] = {
             "format": "QDQ",
             "weights": "int8 per-channel symmetric",
-            "bias_correction": int8_method[0] == "nncf",
+            "bias_correction": int8_method[0].startswith("nncf"),
             "activations": "int8 symmetric" if trt else "uint8 asymmetric",
             "quantiser": _quantiser_version(int8_method[0]),
             "calibration": int8_method[0],
             "float_layers": list(int8_method[1]),
+            # convolutions left in float (by --int8-keep-float, or returned to float by nncf-accuracy) of all
+            "float_convs": float_convs(logits_model),
+            "convs": sum(1 for n in logits_model.graph.node if n.op_type == "Conv"),
         }
         # What the model lost on the gate (<= INT8_MAX_MIOU_DROP points on target val); null when not measured.
         extra["int8"]["gate"] = {"max_miou_drop": INT8_MAX_MIOU_DROP, "miou_drop": None, "passed": None,
@@ -312,6 +318,12 @@ def _export_into(
             )  # fmt: skip
             if val["miou_drop"] > INT8_MAX_MIOU_DROP:
                 failures.append(f"INT8 mIoU drop {val['miou_drop']:.2f} > {INT8_MAX_MIOU_DROP} points")
+        method = extra["int8"]["method"]
+        if method["calibration"] == "nncf-accuracy" and method["float_convs"] == method["convs"]:
+            failures.append(
+                f"nncf-accuracy returned all {method['convs']} convolutions to float to hold the gate, so nothing of "
+                "INT8 is left (export fp32 or fp16)"
+            )
     parity["passed"] = not failures
     parity["forced"] = bool(failures and force)
     if failures and not force:
@@ -425,4 +437,4 @@ def _quantiser_version(calibration: str) -> str:
     """Which quantiser wrote the QDQ graph, with its version (meta.json)."""
     from importlib.metadata import version
 
-    return f"nncf {version('nncf')}" if calibration == "nncf" else f"onnxruntime {version('onnxruntime')}"
+    return f"nncf {version('nncf')}" if calibration.startswith("nncf") else f"onnxruntime {version('onnxruntime')}"

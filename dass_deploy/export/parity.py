@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,23 +43,44 @@ def _median_ms(session: ort.InferenceSession, image: np.ndarray, repeats: int = 
     return float(np.median(times))
 
 
+#: One val image: (image path, label path, height, width). Paths, not arrays: a real val set at export size does not
+#: fit in memory (500 Cityscapes frames at 1024x2048 are 12 GB as float32), and each evaluation reads it anew.
+ValItem = tuple[Path, Path, int, int]
+
+
+def val_items(root: Path, height: int, width: int) -> list[ValItem]:
+    """Every (image, label) pair of a Cityscapes-layout val folder, to be read at the export size."""
+    return [(image, label, height, width) for image, label in find_val_pairs(root)]
+
+
+def load_val_item(item: ValItem) -> tuple[np.ndarray, np.ndarray]:
+    """image [1,3,H,W] float32 0..255 and train-id label [H,W] uint8."""
+    image, label, height, width = item
+    return load_image(image, height, width)[None], load_train_ids(label, height, width)
+
+
+def val_miou(model: onnx.ModelProto | ort.InferenceSession, items: Sequence[ValItem]) -> float:
+    """mIoU in [0, 1] of a logits graph (or its session) on val items; also NNCF's validation function in
+    accuracy-controlled quantisation."""
+    from dass_train.metrics import confusion_matrix, scores
+
+    session = model if isinstance(model, ort.InferenceSession) else ort_session(model)
+    conf = None
+    for item in items:
+        image, gt = load_val_item(item)
+        logits = session.run(None, {INPUT_NAME: image})[0][0]  # [K,H,W]
+        c = confusion_matrix(logits.argmax(0).astype(np.uint8), gt, logits.shape[0])
+        conf = c if conf is None else conf + c
+    return float(scores(conf)["miou"]) if conf is not None else 0.0
+
+
 def evaluate_miou_pair(
     reference: ort.InferenceSession, candidate: ort.InferenceSession, root: Path, height: int, width: int
 ) -> dict:
     """mIoU (in points) of two logits sessions on a Cityscapes-layout val set, both at the export size."""
-    from dass_train.metrics import confusion_matrix, scores
-
-    pairs = find_val_pairs(root)
-    confs = [None, None]
-    for image_path, label_path in pairs:
-        image = load_image(image_path, height, width)[None]
-        gt = load_train_ids(label_path, height, width)
-        for j, session in enumerate((reference, candidate)):
-            logits = session.run(None, {INPUT_NAME: image})[0][0]  # [K,H,W]
-            conf = confusion_matrix(logits.argmax(0).astype(np.uint8), gt, logits.shape[0])
-            confs[j] = conf if confs[j] is None else confs[j] + conf
-    miou_ref, miou_cand = (100 * scores(c)["miou"] for c in confs)
-    return {"val_images": len(pairs), "miou_fp32": miou_ref, "miou_int8": miou_cand, "miou_drop": miou_ref - miou_cand}
+    items = val_items(root, height, width)
+    miou_ref, miou_cand = (100 * val_miou(session, items) for session in (reference, candidate))
+    return {"val_images": len(items), "miou_fp32": miou_ref, "miou_int8": miou_cand, "miou_drop": miou_ref - miou_cand}
 
 
 def compare_with_torch(

@@ -88,7 +88,10 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 #: static quantiser: ``minmax`` (the observed range; one outlier pixel widens every step), ``percentile`` (the
 #: 99.999th percentile of |activation|: clips rare outliers, finer steps for the rest), ``entropy`` (KL-optimal range).
 #: benchmarks/results/int8.md measures them on the shipped model: only ``nncf`` stays within the gate there.
-CALIBRATIONS = ("nncf", "minmax", "percentile", "entropy")
+#: ``nncf-accuracy`` is NNCF's accuracy-controlled quantisation: ``nncf``, then the layers whose rounding costs the
+#: most mIoU on ``--int8-val`` go back to float, a few at a time, until the drop is within the gate (for models with
+#: activation ranges 8 bits cannot hold, such as benchmarks/results/int8_r101.md's).
+CALIBRATIONS = ("nncf", "nncf-accuracy", "minmax", "percentile", "entropy")
 #: Layers that may be kept in float: ``first_conv`` sees the raw normalised image, ``classifier`` (ASPP) writes
 #: the logits the argmax decides on; both are small in FLOPs and the most sensitive to rounding.
 KEEP_FLOAT = ("first_conv", "classifier")
@@ -104,7 +107,7 @@ def default_int8_method(
     if calibration is None:
         calibration = "percentile" if trt else "nncf"
     if keep_float is None:
-        keep_float = () if calibration == "nncf" else KEEP_FLOAT
+        keep_float = () if calibration.startswith("nncf") else KEEP_FLOAT
     return calibration, tuple(keep_float)
 
 
@@ -115,6 +118,12 @@ def require_nncf(symmetric: bool = False) -> None:
         raise DeployError("--int8-calibration nncf writes QDQ for the CPU runtimes; with --trt use percentile")
     if importlib.util.find_spec("nncf") is None:
         raise DeployError(f"--int8-calibration nncf needs the 'nncf' package; install it with {NNCF_EXTRA}")
+
+
+def float_convs(model: onnx.ModelProto) -> int:
+    """Convolutions of a QDQ graph that run in float (their input does not come from a DequantizeLinear)."""
+    producer = {out: n.op_type for n in model.graph.node for out in n.output}
+    return sum(1 for n in model.graph.node if n.op_type == "Conv" and producer.get(n.input[0]) != "DequantizeLinear")
 
 
 def int8_float_nodes(model: onnx.ModelProto, keep: Sequence[str]) -> list[str]:
@@ -156,6 +165,7 @@ def quantize_int8(
     calibration: str = "nncf",
     keep_float: Sequence[str] = (),
     progress: bool = False,
+    val_root: Path | None = None,
 ) -> onnx.ModelProto:
     """Static INT8 quantisation (QDQ, per-channel symmetric weights) of the *logits* graph, calibrated on target
     images.
@@ -163,13 +173,17 @@ def quantize_int8(
     Only the CNN body is quantised; the normalisation in front and the bilinear resize behind stay float, and so do
     the layers ``keep_float`` names (``KEEP_FLOAT``). ``calibration`` picks the quantiser and how activation ranges
     are set (``CALIBRATIONS``). ``symmetric=True`` gives the signed, zero-point-free tensors that TensorRT's explicit
-    quantisation expects (ONNX Runtime's quantiser only); unsigned activations are faster on CPU.
+    quantisation expects (ONNX Runtime's quantiser only); unsigned activations are faster on CPU. ``val_root`` (a
+    Cityscapes-layout val folder) is what ``nncf-accuracy`` measures the mIoU drop on.
     """
     if calibration not in CALIBRATIONS:
         raise ValueError(f"unknown int8 calibration {calibration!r}; choose from {', '.join(CALIBRATIONS)}")
-    if calibration == "nncf":
+    if calibration.startswith("nncf"):
         require_nncf(symmetric)
-        return _quantize_nncf(logits_model, out_path, calib_images, height, width, keep_float, progress)
+        if calibration == "nncf-accuracy" and val_root is None:
+            raise DeployError("--int8-calibration nncf-accuracy needs --int8-val (the mIoU it keeps within the gate)")
+        accuracy = Path(val_root) if calibration == "nncf-accuracy" else None
+        return _quantize_nncf(logits_model, out_path, calib_images, height, width, keep_float, progress, accuracy)
     return _quantize_ort(logits_model, out_path, calib_images, height, width, symmetric, calibration, keep_float)
 
 
@@ -181,27 +195,42 @@ def _quantize_nncf(
     width: int,
     keep_float: Sequence[str],
     progress: bool,
+    accuracy_val: Path | None = None,
 ) -> onnx.ModelProto:
     """NNCF post-training quantisation of the ONNX graph (``MIXED`` preset: symmetric per-channel weights, asymmetric
     activations; fast bias correction), over every calibration image. The result is QDQ ONNX, so ONNX Runtime's gate
-    and both CPU runtimes read the same file."""
+    and both CPU runtimes read the same file. With ``accuracy_val``, NNCF's accuracy control returns layers to float,
+    ranked by what their rounding costs in mIoU on that val set, until the drop is within ``INT8_MAX_MIOU_DROP``."""
     import nncf
+
+    from dass_deploy.export.parity import INT8_MAX_MIOU_DROP, load_val_item, val_items, val_miou
 
     model = onnx.shape_inference.infer_shapes(logits_model)
     excluded = int8_float_nodes(model, keep_float)
     dataset = nncf.Dataset(list(calib_images), lambda path: {INPUT_NAME: load_image(path, height, width)[None]})
+    common = dict(
+        preset=nncf.QuantizationPreset.MIXED,
+        subset_size=len(calib_images),
+        ignored_scope=nncf.IgnoredScope(names=excluded) if excluded else None,
+    )
     # NNCF draws rich progress bars on stdout: on stderr beside the export's own steps, or nowhere with --quiet
     with contextlib.ExitStack() as stack:
         sink = sys.stderr if progress else stack.enter_context(open(os.devnull, "w"))
         stack.enter_context(contextlib.redirect_stdout(sink))
         nncf.set_log_level(logging.WARNING if progress else logging.ERROR)
-        quantized = nncf.quantize(
-            model,
-            dataset,
-            preset=nncf.QuantizationPreset.MIXED,
-            subset_size=len(calib_images),
-            ignored_scope=nncf.IgnoredScope(names=excluded) if excluded else None,
-        )
+        if accuracy_val is None:
+            quantized = nncf.quantize(model, dataset, **common)
+        else:
+            items = val_items(accuracy_val, height, width)
+            quantized = nncf.quantize_with_accuracy_control(
+                model,
+                dataset,
+                nncf.Dataset(items, lambda item: {INPUT_NAME: load_val_item(item)[0]}),
+                val_miou,  # mIoU in [0, 1] of a (candidate) graph on (image, label) items
+                max_drop=INT8_MAX_MIOU_DROP / 100,
+                drop_type=nncf.DropType.ABSOLUTE,
+                **common,
+            )
     onnx.save(quantized, str(out_path))
     return quantized
 
