@@ -41,7 +41,7 @@ from dass_deploy.backends import create_backend  # noqa: E402
 from dass_deploy.benchmark import write_json  # noqa: E402
 from dass_deploy.errors import DeployError  # noqa: E402
 from dass_deploy.export import INT8_MAX_MIOU_DROP, export_model, list_images, load_image  # noqa: E402
-from dass_deploy.machine import describe_machine, machine_markdown  # noqa: E402
+from dass_deploy.machine import describe_machine, isa_cap_env, machine_markdown  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_METHODS = (
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--isa-cap: ONNX Runtime's MLAS kernels ignore ONEDNN_MAX_CPU_ISA; use --runtimes openvino")
     if args.isa_cap and os.environ.get("ONEDNN_MAX_CPU_ISA") != args.isa_cap:
         # oneDNN reads the cap once, when OpenVINO loads it: re-run this script with it set from the start.
-        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": args.isa_cap}
+        env = {**os.environ, **isa_cap_env(args.isa_cap)}
         return subprocess.call([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])], env=env)
     results = Path(args.out) / f"{args.results_name}.json"
     convert_legacy(results)  # before the slow part: a bad results file fails fast
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         "99.999 | entropy) : layers kept in float (first_conv, classifier) @ calibration images; weights int8 "
         "per-channel symmetric, activations uint8, QDQ.",
     ]
-    cap = describe_machine()["isa_cap"]
+    machine = describe_machine()
+    cap = machine["isa_cap"]
     if cap:
         notes.append(
             f"EMULATION of a {cap}-only CPU: ONEDNN_MAX_CPU_ISA={cap} caps OpenVINO's oneDNN kernels (its INT8 "
@@ -209,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['miou_fp32']:.2f} -> {r['miou_int8']:.2f} ({-r['miou_drop']:+.2f}), {verdict} the gate."
             )
     convert_legacy(results)
-    payload = write_json(rows, results, command, notes=notes)
+    payload = write_json(rows, results, command, machine=machine, notes=notes)
     results.with_suffix(".md").write_text(_markdown(payload))
-    print(machine_markdown(describe_machine()))
+    print(machine_markdown(machine))
     print("\n".join(notes))
     return 0
 

@@ -60,7 +60,9 @@ def main() -> int:
 
     if args.isa_cap and os.environ.get("ONEDNN_MAX_CPU_ISA") != args.isa_cap:
         # oneDNN reads the cap once, when torch / OpenVINO load it: re-run this script with it set from the start.
-        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": args.isa_cap}
+        from dass_deploy.machine import isa_cap_env
+
+        env = {**os.environ, **isa_cap_env(args.isa_cap)}
         return subprocess.call([sys.executable, *sys.argv], env=env)
 
     from dass_deploy.benchmark import fastest_vs, run_benchmark, save_results, to_markdown

@@ -100,7 +100,9 @@ def main() -> int:
     args = p.parse_args()
     if args.isa_cap and os.environ.get("ONEDNN_MAX_CPU_ISA") != args.isa_cap:
         # oneDNN (convolutions) and ATen's own vectorised kernels (elementwise, reductions) both capped
-        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": args.isa_cap, "ATEN_CPU_CAPABILITY": args.isa_cap.lower()}
+        from dass_deploy.machine import isa_cap_env
+
+        env = {**os.environ, **isa_cap_env(args.isa_cap, aten=True)}
         return subprocess.call([sys.executable, *sys.argv], env=env)
 
     from dass_deploy.benchmark import write_json

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dass_deploy.benchmark import write_json  # noqa: E402
-from dass_deploy.machine import describe_machine, machine_markdown  # noqa: E402
+from dass_deploy.machine import describe_machine, isa_cap_env, machine_markdown  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 SUMMARY = re.compile(r"^Summary of \S+ \((?P<minutes>[\d.]+) min\)", re.M)
@@ -51,10 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS), help="results folder (default: benchmarks/results)")
     args = p.parse_args(argv)
 
-    env = dict(os.environ)
-    if args.isa_cap:
-        env.update(ONEDNN_MAX_CPU_ISA=args.isa_cap, ATEN_CPU_CAPABILITY=args.isa_cap.lower())
-        os.environ.update(ONEDNN_MAX_CPU_ISA=args.isa_cap, ATEN_CPU_CAPABILITY=args.isa_cap.lower())
+    if args.isa_cap:  # in this process's environment: the machine record shows it, make demo inherits it
+        os.environ.update(isa_cap_env(args.isa_cap, aten=True))
     machine = describe_machine()  # before the run: the load average is other work, not the demo
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="dass-demo-time-") as tmp:
@@ -62,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
         start = time.perf_counter()
         with open(args.log, "w") as log:
-            rc = subprocess.call(["make", "demo"], cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT)
+            rc = subprocess.call(["make", "demo"], cwd=clone, stdout=log, stderr=subprocess.STDOUT)
         wall_min = (time.perf_counter() - start) / 60
     row = {
         "what": "make demo (fresh clone, venv + install included)",

@@ -93,6 +93,16 @@ def isa_cap() -> str | None:
     return os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or None
 
 
+def isa_cap_env(cap: str, aten: bool = False) -> dict[str, str]:
+    """Environment variables that cap oneDNN (torch's and OpenVINO's convolutions) at ``cap``, and with ``aten``
+    ATen's own vectorised kernels (elementwise, reductions) too. Both are read when the library loads: set them in
+    the environment of a new process. ONNX Runtime's MLAS reads neither."""
+    env = {"ONEDNN_MAX_CPU_ISA": cap}
+    if aten:
+        env["ATEN_CPU_CAPABILITY"] = cap.lower()
+    return env
+
+
 def describe_machine() -> dict[str, Any]:
     """A JSON-ready description of this machine and of the settings that change the figures."""
     info = _cpuinfo()

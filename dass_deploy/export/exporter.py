@@ -49,7 +49,7 @@ from dass_deploy.export.precision import (
     default_int8_method,
     float_convs,
     quantize_int8,
-    require_nncf,
+    require_quantiser,
 )
 from dass_deploy.export.tensorrt import build_trt_engine, require_tensorrt
 from dass_deploy.export.triton import _class_table, _sha256, _versions
@@ -149,10 +149,8 @@ def export_model(
         raise DeployError(f"--int8-calibration must be one of {', '.join(CALIBRATIONS)}, got {int8_calibration!r}")
     if set(int8_keep_float) - set(KEEP_FLOAT):
         raise DeployError(f"--int8-keep-float takes {', '.join(KEEP_FLOAT)}, got {', '.join(int8_keep_float)}")
-    if int8 and int8_calibration.startswith("nncf"):
-        require_nncf(symmetric=trt)  # fail before the slow part
-    if int8 and int8_calibration == "nncf-accuracy" and int8_val is None:
-        raise DeployError("--int8-calibration nncf-accuracy needs --int8-val (the mIoU it keeps within the gate)")
+    if int8:
+        require_quantiser(int8_calibration, symmetric=trt, val_root=int8_val)  # fail before the slow part
     checkpoint = Path(checkpoint)
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     if name is None:

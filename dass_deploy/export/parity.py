@@ -59,19 +59,31 @@ def load_val_item(item: ValItem) -> tuple[np.ndarray, np.ndarray]:
     return load_image(image, height, width)[None], load_train_ids(label, height, width)
 
 
+def _val_confusions(sessions: Sequence[ort.InferenceSession], items: Sequence[ValItem]) -> list[np.ndarray | None]:
+    """Confusion matrix of each logits session over the val items, every image read once for all of them."""
+    from dass_train.metrics import confusion_matrix
+
+    confs: list[np.ndarray | None] = [None] * len(sessions)
+    for item in items:
+        image, gt = load_val_item(item)
+        for j, session in enumerate(sessions):
+            logits = session.run(None, {INPUT_NAME: image})[0][0]  # [K,H,W]
+            c = confusion_matrix(logits.argmax(0).astype(np.uint8), gt, logits.shape[0])
+            confs[j] = c if confs[j] is None else confs[j] + c
+    return confs
+
+
+def _miou(conf: np.ndarray | None) -> float:
+    from dass_train.metrics import scores
+
+    return float(scores(conf)["miou"]) if conf is not None else 0.0
+
+
 def val_miou(model: onnx.ModelProto | ort.InferenceSession, items: Sequence[ValItem]) -> float:
     """mIoU in [0, 1] of a logits graph (or its session) on val items; also NNCF's validation function in
     accuracy-controlled quantisation."""
-    from dass_train.metrics import confusion_matrix, scores
-
     session = model if isinstance(model, ort.InferenceSession) else ort_session(model)
-    conf = None
-    for item in items:
-        image, gt = load_val_item(item)
-        logits = session.run(None, {INPUT_NAME: image})[0][0]  # [K,H,W]
-        c = confusion_matrix(logits.argmax(0).astype(np.uint8), gt, logits.shape[0])
-        conf = c if conf is None else conf + c
-    return float(scores(conf)["miou"]) if conf is not None else 0.0
+    return _miou(_val_confusions([session], items)[0])
 
 
 def evaluate_miou_pair(
@@ -79,7 +91,7 @@ def evaluate_miou_pair(
 ) -> dict:
     """mIoU (in points) of two logits sessions on a Cityscapes-layout val set, both at the export size."""
     items = val_items(root, height, width)
-    miou_ref, miou_cand = (100 * val_miou(session, items) for session in (reference, candidate))
+    miou_ref, miou_cand = (100 * _miou(c) for c in _val_confusions([reference, candidate], items))
     return {"val_images": len(items), "miou_fp32": miou_ref, "miou_int8": miou_cand, "miou_drop": miou_ref - miou_cand}
 
 

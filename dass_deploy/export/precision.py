@@ -111,13 +111,19 @@ def default_int8_method(
     return calibration, tuple(keep_float)
 
 
-def require_nncf(symmetric: bool = False) -> None:
-    """``DeployError`` when ``--int8-calibration nncf`` cannot run: asked for TensorRT's signed symmetric QDQ
-    (``symmetric``), which NNCF's CPU preset does not write, or without the ``nncf`` package."""
+def require_quantiser(calibration: str, symmetric: bool = False, val_root: str | os.PathLike | None = None) -> None:
+    """``DeployError`` when ``calibration`` cannot run as asked: the NNCF methods need the ``nncf`` package and
+    write QDQ for the CPU runtimes, not TensorRT's signed symmetric QDQ (``symmetric``); ``nncf-accuracy`` also needs
+    the val set whose mIoU it keeps within the gate. The exporter calls it before the slow part, ``quantize_int8``
+    again for direct callers."""
+    if not calibration.startswith("nncf"):
+        return
     if symmetric:
         raise DeployError("--int8-calibration nncf writes QDQ for the CPU runtimes; with --trt use percentile")
     if importlib.util.find_spec("nncf") is None:
         raise DeployError(f"--int8-calibration nncf needs the 'nncf' package; install it with {NNCF_EXTRA}")
+    if calibration == "nncf-accuracy" and val_root is None:
+        raise DeployError("--int8-calibration nncf-accuracy needs --int8-val (the mIoU it keeps within the gate)")
 
 
 def float_convs(model: onnx.ModelProto) -> int:
@@ -178,10 +184,8 @@ def quantize_int8(
     """
     if calibration not in CALIBRATIONS:
         raise ValueError(f"unknown int8 calibration {calibration!r}; choose from {', '.join(CALIBRATIONS)}")
+    require_quantiser(calibration, symmetric, val_root)
     if calibration.startswith("nncf"):
-        require_nncf(symmetric)
-        if calibration == "nncf-accuracy" and val_root is None:
-            raise DeployError("--int8-calibration nncf-accuracy needs --int8-val (the mIoU it keeps within the gate)")
         accuracy = Path(val_root) if calibration == "nncf-accuracy" else None
         return _quantize_nncf(logits_model, out_path, calib_images, height, width, keep_float, progress, accuracy)
     return _quantize_ort(logits_model, out_path, calib_images, height, width, symmetric, calibration, keep_float)
