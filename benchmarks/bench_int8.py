@@ -42,6 +42,7 @@ from dass_deploy.benchmark import write_json  # noqa: E402
 from dass_deploy.errors import DeployError  # noqa: E402
 from dass_deploy.export import INT8_MAX_MIOU_DROP, export_model, list_images, load_image  # noqa: E402
 from dass_deploy.machine import describe_machine, isa_cap_env, machine_markdown  # noqa: E402
+from dass_train.errors import UserError  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_METHODS = (
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                             argmax_agreement_vs_torch=result.meta["parity"]["argmax_agreement"],
                         )  # fmt: skip
                     rows.append(row)
-    except DeployError as e:
+    except (DeployError, UserError) as e:  # bad options, a missing or unreadable checkpoint: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
 
