@@ -1,8 +1,11 @@
 """Table 3 / Table 4 of the paper on the embedded synthetic benchmark, over several seeds of data and training (CPU).
 
-Per seed S (the synthetic data and the training both use S):
-- source-only and target-trained (oracle) models, same recipe and iterations: the domain gap;
-- AdaBN: the source-only weights with BN statistics re-estimated on target-train images (no training);
+Per seed S (the synthetic data and the training both use S), for a preset (``--preset``):
+- source-only and target-trained (oracle) models, same recipe (the oracle for ``stages.oracle_iters``, by default as
+  long as source-only): the domain gap;
+- AdaBN, for presets that train BN (``synth2real``): the source-only weights with BN statistics re-estimated on
+  target-train images (no training). Frozen-BN presets (``synth2real_paper``, the paper's regime) compute no target
+  statistics anywhere, so they have no such row: their adaptation starts from the source-only model itself;
 - the five Table 3 rows (L_base; +FCL; +FCL+BCL; +dynamic labels w/o calibration; w/ calibration), each adapting
   the same source-only checkpoint;
 - the regime of the proxy: accuracy and density of the static labels the adaptation trains on first (round 0),
@@ -10,13 +13,16 @@ Per seed S (the synthetic data and the training both use S):
 - Table 4 (label density / accuracy during the full model's adaptation) and the feature diagnostics
   (``dass_train/diagnostics.py``) of every row and of the source-only model.
 
-    python benchmarks/synth_tables.py                       # seeds 0,1,2; resumes where it stopped
+    python benchmarks/synth_tables.py                       # synth2real, seeds 0,1,2; resumes where it stopped
+    python benchmarks/synth_tables.py --preset synth2real_paper --seeds 0,1,2
     python benchmarks/synth_tables.py --seeds 3 --parallel 1 stages.adapt_iters=600
 
-Resumable: finished stages are reused (runs/tables-seed<S>/), a finished seed writes
-benchmarks/results/table3_seeds/seed<S>.json and is skipped on a rerun; the summary (table3_seeds.json / .md, one
-diagnostics plot per row) is rebuilt from every seed file present. mIoU is measured once at the end of each stage
-(last iterate: no checkpoint is picked on target labels).
+Resumable: finished stages are reused (runs/tables[-<preset>]-seed<S>/), a finished seed writes
+benchmarks/results/<name>/seed<S>.json and is skipped on a rerun; the summary (<name>.json / .md, one diagnostics
+plot per row) is rebuilt from every seed file present. <name> is table3_seeds for synth2real, table3_paper_regime
+for synth2real_paper (``--results-name``). mIoU is measured once at the end of each stage (last iterate: no
+checkpoint is picked on target labels). Rows are compared paired by seed: the mean difference with its 95 %
+Student-t confidence interval; a difference counts only where the interval excludes 0.
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ ROWS = [  # (name, overrides) in the order of Table 3
 ]
 PAPER_ROWS = [49.5, 51.2, 53.5, 55.3, 57.1]  # GTA5 -> Cityscapes, ResNet-101 (Table 3)
 DIAG = ("own_sim", "margin", "spread", "proto_cos")
+RESULTS_NAMES = {"synth2real": "table3_seeds", "synth2real_paper": "table3_paper_regime"}
+#: two-sided 95 % quantiles of Student's t by degrees of freedom (n - 1 paired seeds); 1.96 beyond the table
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def run(args: list[str], log: Path) -> None:
@@ -66,7 +75,8 @@ def final_metrics(stage_dir: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- one seed
 def run_seed(seed: int, args: argparse.Namespace, command: str) -> dict:
-    runs = Path(args.runs or REPO / "runs") / f"tables-seed{seed}"
+    folder = "tables" if args.preset == "synth2real" else f"tables-{args.preset.removeprefix('synth2real_')}"
+    runs = Path(args.runs or REPO / "runs") / f"{folder}-seed{seed}"
     runs.mkdir(parents=True, exist_ok=True)
     data = f"data.synthetic_root=data/synthetic-seed{seed}"  # one data folder per seed (overrides may move it)
     common = [f"run.seed={seed}", f"run.out={runs}", "run.progress=false", "run.val_every=0", data, *args.overrides]
@@ -80,16 +90,16 @@ def run_seed(seed: int, args: argparse.Namespace, command: str) -> dict:
         finished = summary.is_file() and stage_name in json.loads(summary.read_text())["stages"]
         if not finished:  # a rerun reuses finished stages
             run(
-                ["synth2real", "--name", name, "--exist-ok", "--stage", stage_name, *common, *extra],
+                [args.preset, "--name", name, "--exist-ok", "--stage", stage_name, *common, *extra],
                 runs / f"{name}-{stage_name}.log",
             )
         return out
 
     # the synthetic data is generated once, before parallel runs could race on it
-    run(["synthesize", f"run.seed={seed}", data, *args.overrides], runs / "synthesize.log")
+    run(["synthesize", "--preset", args.preset, f"run.seed={seed}", data, *args.overrides], runs / "synthesize.log")
     with ThreadPoolExecutor(args.parallel) as pool:
         src_future = pool.submit(stage, "source_only", "source_only", [])
-        oracle_future = pool.submit(stage, "oracle", "oracle", ["stages.oracle_iters=" + _iters(args, "source_only")])
+        oracle_future = pool.submit(stage, "oracle", "oracle", [])
         src_dir = src_future.result()
         init = src_dir / "last.pt"
         row_futures = [
@@ -101,11 +111,12 @@ def run_seed(seed: int, args: argparse.Namespace, command: str) -> dict:
     source, oracle = final_metrics(src_dir), final_metrics(oracle_dir)
     result = {
         "seed": seed,
+        "preset": args.preset,
         "command": command,
         "machine": describe_machine(),
         "source_only": {"miou": source["miou"], "iou": source["iou"]},
         "oracle": {"miou": oracle["miou"], "iou": oracle["iou"]},
-        "adabn": adabn_miou(init, seed, args, runs),
+        "adabn": adabn_miou(init, seed, args, runs) if trains_bn(args) else None,
         "rows": [
             {"row": name, "miou": final_metrics(d)["miou"], "iou": final_metrics(d)["iou"]}
             for (name, _), d in zip(ROWS, row_dirs, strict=True)
@@ -133,7 +144,7 @@ def adabn_miou(ckpt: Path, seed: int, args: argparse.Namespace, runs: Path) -> f
             "--checkpoint",
             str(ckpt),
             "--preset",
-            "synth2real",
+            args.preset,
             "--target-bn",
             f"run.seed={seed}",
             *args.overrides,
@@ -156,7 +167,7 @@ def static_label_regime(adapt_dir: Path, seed: int, args: argparse.Namespace) ->
     from dass_train.pseudo_labels import label_path
 
     cfg = build_config(
-        "synth2real", [f"run.seed={seed}", f"data.synthetic_root=data/synthetic-seed{seed}", *args.overrides]
+        args.preset, [f"run.seed={seed}", f"data.synthetic_root=data/synthetic-seed{seed}", *args.overrides]
     )
     ds = target_dataset(cfg, "train", None, with_labels=True, seed=seed + 1)
     labelled = correct = valid = 0
@@ -186,11 +197,11 @@ def source_only_diagnostics(ckpt: Path) -> dict:
     return feature_diagnostics(model, cfg, payload["meta"]["normalization"], torch.device("cpu"))
 
 
-def _iters(args: argparse.Namespace, stage_name: str) -> str:
+def trains_bn(args: argparse.Namespace) -> bool:
+    """Whether the preset trains BN (so AdaBN exists); frozen-BN presets never compute target statistics."""
     from dass_train.config import build_config
 
-    cfg = build_config("synth2real", args.overrides)
-    return str(cfg.stages.source_only_iters if stage_name == "source_only" else cfg.stages.adapt_iters)
+    return not build_config(args.preset, args.overrides).model.freeze_bn
 
 
 # ---------------------------------------------------------------------------------------------------- summary
@@ -203,9 +214,33 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return m, s
 
 
+def _seeds(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    return " / ".join(f"{scale * v:.{digits}f}" for v in values)
+
+
 def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     m, s = _mean_std(values)
     return "n/a" if math.isnan(m) else f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
+
+
+def paired_ci(row: list[float], ref: list[float]) -> dict:
+    """Paired by seed: mean and sample std of row - ref, its 95 % Student-t interval (None with one seed), n."""
+    diffs = [a - b for a, b in zip(row, ref, strict=True)]
+    m, s = _mean_std(diffs)
+    n = len(diffs)
+    if n < 2:
+        return {"mean": m, "std": None, "ci95": None, "n": n}
+    half = T975.get(n - 1, 1.96) * s / math.sqrt(n)
+    return {"mean": m, "std": s, "ci95": [m - half, m + half], "n": n}
+
+
+def _ci_text(p: dict) -> tuple[str, str]:
+    """'+1.23 [+0.40, +2.06]' and the verdict: counts only where the interval excludes 0."""
+    if p["ci95"] is None:
+        return f"{100 * p['mean']:+.2f}", "n/a (one seed)"
+    lo, hi = p["ci95"]
+    verdict = "**yes**" if lo > 0 or hi < 0 else "no (CI contains 0)"
+    return f"{100 * p['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]", verdict
 
 
 def machines_markdown(seeds: list[dict]) -> list[str]:
@@ -217,9 +252,9 @@ def machines_markdown(seeds: list[dict]) -> list[str]:
     return [f"Seeds {ids}: {text}" for text, ids in by_text.items()]
 
 
-def summarize(out: Path) -> dict | None:
+def summarize(out: Path, results_name: str = "table3_seeds") -> dict | None:
     seeds = sorted(
-        (json.loads(p.read_text()) for p in (out / "table3_seeds").glob("seed*.json")), key=lambda r: r["seed"]
+        (json.loads(p.read_text()) for p in (out / results_name).glob("seed*.json")), key=lambda r: r["seed"]
     )
     if not seeds:
         return None
@@ -250,10 +285,30 @@ def summarize(out: Path) -> dict | None:
         "commands": sorted({r["command"] for r in seeds}),
         "machines": [r["machine"] for r in seeds],
     }
-    (out / "table3_seeds.json").write_text(json.dumps(summary, indent=1) + "\n")
+    trained_bn = all(r.get("adabn") is not None for r in seeds)
+    start_name, start = ("AdaBN", summary["adabn"]) if trained_bn else ("source-only", summary["source_only"])
+    row_names = [n for n, _ in ROWS]
+    pairs = []
+    previous_name, previous = start_name, start  # L_base's previous row is the adaptation start
+    for row in summary["rows"]:
+        pairs.append({"row": row["row"], "vs": previous_name, **paired_ci(row["miou"], previous)})
+        if row["row"] != row_names[0] and previous_name != row_names[0]:
+            pairs.append({"row": row["row"], "vs": row_names[0], **paired_ci(row["miou"], summary["rows"][0]["miou"])})
+        previous_name, previous = row["row"], row["miou"]
+    best_row = [max(r["rows"][i]["miou"] for i in range(len(ROWS))) for r in seeds]
+    summary["paired"] = pairs
+    summary["regime"] = {
+        "adapt_start": start_name,
+        "ratio_adapt_start_to_oracle": [a / o for a, o in zip(start, summary["oracle"], strict=True)],
+        "oracle_minus_L_base": [o - b for o, b in zip(summary["oracle"], summary["rows"][0]["miou"], strict=True)],
+        "oracle_above_every_row": [o > b for o, b in zip(summary["oracle"], best_row, strict=True)],
+    }
+    (out / f"{results_name}.json").write_text(json.dumps(summary, indent=1) + "\n")
 
+    regime = summary["regime"]
+    preset = seeds[0].get("preset", "synth2real")
     lines = [
-        "# Table 3 / Table 4 on the synthetic benchmark, over seeds",
+        f"# Table 3 / Table 4 on the synthetic benchmark ({preset}), over seeds",
         "",
         f"Seeds {summary['seeds']}; each seed regenerates the data and retrains everything. Commands: "
         + "; ".join(f"`{c}`" for c in summary["commands"]),
@@ -262,42 +317,49 @@ def summarize(out: Path) -> dict | None:
         "",
         "## Regime of the proxy",
         "",
-        "| figure | value | required |",
-        "|---|---:|---:|",
-        f"| static labels (round 0) accuracy, % | {_pm(summary['static_labels']['accuracy'], digits=1)} | >= 90 |",
-        f"| static labels (round 0) density, % | {_pm(summary['static_labels']['density'], digits=1)} | >= 15 |",
-        f"| source-only / target-trained mIoU | {_pm(summary['ratio_source_only_to_oracle'], 1.0, 3)} | 0.45 - 0.70 |",
+        "| figure | per seed | mean ± std | required |",
+        "|---|---|---:|---:|",
+        f"| static labels (round 0) accuracy, % | {_seeds(summary['static_labels']['accuracy'], 100, 1)} | "
+        f"{_pm(summary['static_labels']['accuracy'], digits=1)} | >= 90 |",
+        f"| static labels (round 0) density, % | {_seeds(summary['static_labels']['density'], 100, 1)} | "
+        f"{_pm(summary['static_labels']['density'], digits=1)} | >= 15 |",
+        f"| source-only / oracle mIoU | {_seeds(summary['ratio_source_only_to_oracle'], 1, 2)} | "
+        f"{_pm(summary['ratio_source_only_to_oracle'], 1.0, 3)} | |",
+        f"| adaptation start ({start_name}) / oracle | {_seeds(regime['ratio_adapt_start_to_oracle'], 1, 2)} | "
+        f"{_pm(regime['ratio_adapt_start_to_oracle'], 1.0, 3)} | 0.45 - 0.70 |",
+        f"| oracle - L_base, points | {_seeds(regime['oracle_minus_L_base'], 100, 2)} | "
+        f"{_pm(regime['oracle_minus_L_base'])} | >= 5 on average |",
+        f"| oracle above every adapted row | {' / '.join('yes' if v else '**no**' for v in regime['oracle_above_every_row'])}"
+        " | | every seed |",
         "",
         "## Table 3",
         "",
-        "| model | mIoU | vs previous row (paired) | counts? | vs L_base (paired) | counts? |",
-        "|---|---:|---:|---|---:|---|",
-        f"| source-only | {_pm(summary['source_only'])} | | | | |",
-        f"| target-trained (oracle) | {_pm(summary['oracle'])} | | | | |",
-        f"| source-only + target BN statistics (AdaBN, no training) | {_pm(summary['adabn'])} | | | | |",
+        "Differences are paired by seed: mean [95 % Student-t confidence interval], in mIoU points; a difference "
+        f"counts only where the interval excludes 0. L_base's previous row is the adaptation start ({start_name}).",
+        "",
+        "| model | per seed | mean ± std | vs previous row | counts? | vs L_base | counts? |",
+        "|---|---|---:|---:|---|---:|---|",
+        f"| source-only | {_seeds(summary['source_only'])} | {_pm(summary['source_only'])} | | | | |",
+        f"| target-trained (oracle) | {_seeds(summary['oracle'])} | {_pm(summary['oracle'])} | | | | |",
     ]
-
-    def paired(row: list[float], ref: list[float]) -> tuple[str, str]:
-        """Mean ± std of the per-seed differences, and whether the mean exceeds the larger seed std of the two."""
-        m, s = _mean_std([a - b for a, b in zip(row, ref, strict=True)])
-        if len(seeds) < 2:
-            return f"{100 * m:+.2f}", "n/a (one seed: no spread yet)"
-        spread = max(_mean_std(row)[1], _mean_std(ref)[1])
-        return f"{100 * m:+.2f} ± {100 * s:.2f}", "yes" if abs(m) > spread else "no (within seed spread)"
-
-    base = summary["rows"][0]["miou"]
-    previous = summary["adabn"]  # L_base's previous row: the adaptation start (AdaBN), so it shows self-training
-    for row in summary["rows"]:
-        prev_diff, prev_verdict = paired(row["miou"], previous)
-        base_diff, base_verdict = ("", "") if row is summary["rows"][0] else paired(row["miou"], base)
+    if trained_bn:
         lines.append(
-            f"| {row['row']} | {_pm(row['miou'])} | {prev_diff} | {prev_verdict} | {base_diff} | {base_verdict} |"
+            f"| source-only + target BN statistics (AdaBN, no training) | {_seeds(summary['adabn'])} | "
+            f"{_pm(summary['adabn'])} | | | | |"
         )
-        previous = row["miou"]
+    by_pair = {(q["row"], q["vs"]): q for q in pairs}
+    previous_name = start_name
+    for row in summary["rows"]:
+        prev_diff, prev_verdict = _ci_text(by_pair[(row["row"], previous_name)])
+        base = by_pair.get((row["row"], row_names[0])) if row["row"] != row_names[0] else None
+        base_diff, base_verdict = _ci_text(base) if base else ("", "")
+        lines.append(
+            f"| {row['row']} | {_seeds(row['miou'])} | {_pm(row['miou'])} | {prev_diff} | {prev_verdict} | "
+            f"{base_diff} | {base_verdict} |"
+        )
+        previous_name = row["row"]
     lines += [
         "",
-        "A difference counts only where its mean exceeds the larger seed std of the two rows; L_base's previous row is "
-        "AdaBN, the adaptation start. "
         f"Paper (GTA5 -> Cityscapes, ResNet-101): {', '.join(map(str, PAPER_ROWS))}.",
         "",
         "Per-class IoU (%), mean over seeds:",
@@ -344,8 +406,8 @@ def summarize(out: Path) -> dict | None:
     for name, d in summary["diagnostics"].items():
         lines.append(f"| {name} | " + " | ".join(_pm(d[m], 1.0, 3) for m in DIAG) + " |")
     lines.append("")
-    (out / "table3_seeds.md").write_text("\n".join(lines))
-    plot_diagnostics(seeds, out / "table3_seeds")
+    (out / f"{results_name}.md").write_text("\n".join(lines))
+    plot_diagnostics(seeds, out / results_name)
     return summary
 
 
@@ -387,29 +449,33 @@ def plot_diagnostics(seeds: list[dict], folder: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="extra config overrides for every run (section.key=value)")
+    p.add_argument("--preset", default="synth2real", help="synth2real (domain BN) or synth2real_paper (frozen BN)")
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default 0,1,2)")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (each gets run.threads=1 when > 1)")
     p.add_argument("--runs", default=None, help="folder of the run folders (default runs/)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--results-name", default=None, help="results name (default: table3_seeds / table3_paper_regime)")
     p.add_argument("--summary-only", action="store_true", help="only rebuild the summary from the seed files")
     args = p.parse_args(argv)
+    name = args.results_name or RESULTS_NAMES.get(args.preset, f"table3_{args.preset}")
     out = Path(args.out)
-    (out / "table3_seeds").mkdir(parents=True, exist_ok=True)
+    (out / name).mkdir(parents=True, exist_ok=True)
     if not args.summary_only:
         for seed in (int(s) for s in args.seeds.split(",") if s.strip()):
-            seed_file = out / "table3_seeds" / f"seed{seed}.json"
+            seed_file = out / name / f"seed{seed}.json"
             if seed_file.is_file():
                 print(f"seed {seed}: done ({seed_file}), skipped")
                 continue
-            words = ["--seeds", str(seed), "--parallel", str(args.parallel), *args.overrides]
+            preset = [] if args.preset == "synth2real" else ["--preset", args.preset]
+            words = [*preset, "--seeds", str(seed), "--parallel", str(args.parallel), *args.overrides]
             command = "python benchmarks/synth_tables.py " + " ".join(shlex.quote(w) for w in words)
             result = run_seed(seed, args, command)
             seed_file.write_text(json.dumps(result, indent=1) + "\n")
             print(f"seed {seed}: written {seed_file} ({result['minutes']:.0f} min)")
-            summarize(out)
-    summary = summarize(out)
+            summarize(out, name)
+    summary = summarize(out, name)
     if summary is not None:
-        print((out / "table3_seeds.md").read_text())
+        print((out / f"{name}.md").read_text())
     return 0
 
 

@@ -43,12 +43,15 @@ VERSION = 1
 PRODA_RGB: dict = {"color": "RGB", "mean": [0.0, 0.0, 0.0], "std": [255.0, 255.0, 255.0]}
 # The input normalisation each ImageNet-init format was trained with (a model fine-tuned from it should keep it).
 INIT_NORMALIZATION: dict[str, dict] = {"torchvision": IMAGENET_RGB, "deeplab-coco": CAFFE_BGR}
+#: ``format`` in the metadata of backbone weights written by ``save_backbone_weights`` (safetensors).
+BACKBONE_FORMAT = "dass-backbone"
 SOURCES = ("auto", "dass", "adaptseg", "bida-authors", "proda")
 _LAYER3_BLOCKS = {("bottleneck", 23): "resnet101", ("bottleneck", 6): "resnet50", ("basic", 2): "resnet18"}
 _TARGET_STEM = ("target_conv1.", "target_bn1.", "target_layer1.")
 _SOURCE_STEM = ("conv1.", "bn1.", "layer1.")
 
 __all__ = [
+    "BACKBONE_FORMAT",
     "FORMAT",
     "INIT_NORMALIZATION",
     "PRODA_RGB",
@@ -58,7 +61,9 @@ __all__ = [
     "detect_layout",
     "load_checkpoint",
     "load_init_weights",
+    "load_backbone_weights",
     "load_model",
+    "save_backbone_weights",
     "save_checkpoint",
 ]
 
@@ -449,21 +454,35 @@ def load_init_weights(model: DeepLabV2, path: str | os.PathLike) -> list[str]:
     Returns report lines.
     """
     path = Path(path)
+    shipped = Path(__file__).resolve().parents[1] / path  # a relative init that ships in the repository (weights/)
+    if not path.is_file() and not path.is_absolute() and shipped.is_file():
+        path = shipped
     if not path.is_file():
+        if path.suffix == ".safetensors":
+            raise CheckpointError(
+                f"backbone weights not found at {path}: they ship with the repository (git checkout them) or are "
+                "made by `python benchmarks/pretrain_backbone.py`; or pass model.init=PATH"
+            )
         raise CheckpointError(
             f"ImageNet weights not found at {path}: download the {model.backbone} ImageNet weights (torchvision "
             "format) or DeepLab_resnet_pretrained_init-f81d91e8.pth and put them there, or pass --model.init PATH"
         )
-    obj = load_checkpoint(path)
-    _, sd, _, others = _unwrap(obj, path)
-    fmt = "torchvision"
-    if sd and all(k.startswith("Scale.") for k in sd):
-        fmt = "deeplab-coco"
+    if path.suffix == ".safetensors":
+        sd, info = load_backbone_weights(path)
+        others: list[str] = []
+        fmt = info.get("format", "safetensors")
+        norm = info.get("normalization") or IMAGENET_RGB
+    else:
+        obj = load_checkpoint(path)
+        _, sd, _, others = _unwrap(obj, path)
+        fmt = "torchvision"
+        if sd and all(k.startswith("Scale.") for k in sd):
+            fmt = "deeplab-coco"
+        norm = INIT_NORMALIZATION[fmt]
     for prefix in ("_orig_mod.", "module.", "Scale."):
         sd = _strip_prefix(sd, prefix)
     if "conv1.weight" not in sd or not any(k.startswith("layer4.") for k in sd):
         raise CheckpointError(f"not ResNet weights: first keys are {_preview(sd)}: {path}")
-    norm = INIT_NORMALIZATION[fmt]
     report = [f"init: {fmt} ResNet weights from {path.name} (trained with {norm['color']} mean {norm['mean']})"]
     if others:
         report.append(f"entries not part of the network, not loaded: {_preview(others, 8)}")
@@ -491,3 +510,54 @@ def load_init_weights(model: DeepLabV2, path: str | os.PathLike) -> list[str]:
     target.update({k: found[k] for k in backbone_keys})
     model.load_state_dict(target, strict=True)
     return report
+
+
+def save_backbone_weights(path: str | os.PathLike, model: DeepLabV2, info: Mapping[str, Any]) -> Path:
+    """The backbone of ``model`` (no classifier: an init's head is relearned, as with ImageNet weights) as
+    safetensors, atomically: convolution weights in float16 (half the size; an init, not a result), BatchNorm
+    parameters and statistics in float32. ``info`` (JSON-able: data, command, iterations, ...) goes in the metadata
+    beside ``format``, ``backbone`` and the input ``normalization``, so the file describes itself."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(("layer5.", "bn_pretrain.")):
+            continue
+        value = value.detach().cpu()
+        tensors[key] = value.half() if value.ndim == 4 else value.contiguous()
+    meta = {"format": BACKBONE_FORMAT, "backbone": model.backbone, **info}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_backbone_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(state_dict in float32, metadata) of a file written by ``save_backbone_weights``; safetensors executes no
+    code. Errors are one line naming the file."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"not a readable safetensors file ({exc}): {path}") from None
+    try:
+        info = {k: json.loads(v) for k, v in raw.items()}
+    except ValueError:
+        info = dict(raw)
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, info

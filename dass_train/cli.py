@@ -229,9 +229,7 @@ def _run_dir(cfg: Config, name: str | None, resume: bool, exist_ok: bool) -> Pat
 def _stages(cfg: Config, stage: str) -> list[str]:
     if stage != "all":
         return [stage]
-    plan = []
-    if cfg.stages.oracle_iters:
-        plan.append("oracle")
+    plan = []  # the oracle is a measurement, not part of the recipe: it runs only when asked for (--stage oracle)
     if cfg.stages.source_only_iters:
         plan.append("source_only")
     if cfg.stages.adapt_iters:

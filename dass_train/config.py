@@ -36,6 +36,9 @@ class DataConfig:
     synthetic_counts: tuple[int, int, int] = (600, 300, 100)  # source, target train, target val
     synthetic_style_shift: float = 0.6  # global domain-gap strength in [0, 1] (see SyntheticConfig.style_shift)
     synthetic_class_shift: float = 0.0  # road/pavement colour swap in [0, 1], off (see SyntheticConfig.class_shift)
+    # synth2real: the benchmark's two domains; pretrain: the third, style-randomised domain the backbone of the
+    # paper-regime preset is pretrained on (the ImageNet / COCO analogue, see SyntheticConfig.style)
+    synthetic_style: str = "synth2real"
     # training transforms: resize shorter side, random scale, random crop (w, h), flip
     resize_short: int | None = 850
     scale: tuple[float, float] = (0.8, 1.2)
@@ -142,7 +145,8 @@ class StageConfig:
     adapt_iters: int = 100000
     distill_iters: int = 0  # optional stage 3
     distill_lr: float = 2.5e-4
-    oracle_iters: int = 0  # supervised on target labels, for the domain-gap figure only
+    # supervised on target labels, for the domain-gap figure only (--stage oracle; 0 = source_only_iters)
+    oracle_iters: int = 0
 
 
 @dataclass
@@ -160,6 +164,9 @@ class RunConfig:
     log_every: int = 50
     val_every: int = 5000
     ckpt_every: int = 2000
+    # Also keep a snapshot iter_<N>.pt every N iterations (0 = none): a shorter pretext can then be read off one run
+    # (benchmarks/pretrain_backbone.py --from-checkpoint), with the caveat that its LR had not decayed yet.
+    keep_every: int = 0
     val_max_images: int = 0  # 0 = all
     max_bad_steps: int = 5  # consecutive non-finite losses that stop the run
     # At the end of adaptation, measure what FCL / BCL should change in the feature space on target val (ground
@@ -334,6 +341,7 @@ def build_config(preset: str, overrides: list[str] | None = None) -> Config:
 def validate(cfg: Config) -> None:
     choices = {
         "data.source": (cfg.data.source, ("gta5", "synthia", "synthetic")),
+        "data.synthetic_style": (cfg.data.synthetic_style, ("synth2real", "pretrain")),
         "model.backbone": (cfg.model.backbone, ("resnet101", "resnet50", "resnet18")),
         "model.feature": (cfg.model.feature, ("aspp", "layer4")),
         "model.normalization": (cfg.model.normalization, ("caffe", "imagenet")),

@@ -454,6 +454,8 @@ class StageTrainer:
                 metrics = self._validate_and_keep_best()
             if cfg.ckpt_every and self.iteration % cfg.ckpt_every == 0:
                 self.save("last.pt")
+            if cfg.keep_every and self.iteration % cfg.keep_every == 0 and self.iteration < self.max_iters:
+                self.save(f"iter_{self.iteration:06d}.pt")
         bar.close()
         self.on_end()
         metrics = self._validate_and_keep_best()

@@ -74,6 +74,7 @@ def synthetic_settings(cfg: Config) -> SyntheticConfig:
         seed=cfg.run.seed,
         style_shift=cfg.data.synthetic_style_shift,
         class_shift=cfg.data.synthetic_class_shift,
+        style=cfg.data.synthetic_style,
     )
 
 

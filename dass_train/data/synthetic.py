@@ -12,6 +12,10 @@ Cityscapes train classes. Two domains that differ the ways GTA5 and Cityscapes d
   (void) at the bottom; its streets have fewer trucks and buses, lower buildings, more pedestrians, cyclists,
   trees and parked cars.
 
+A third world, ``style="pretrain"``, is neither domain: every split is composed with the wide ``pretrain`` scene
+prior and rendered by ``render_random`` (a new random palette, lighting, texture and camera per image). It is the
+pretext the paper-regime backbone is pretrained on (the ImageNet / COCO analogue, ``benchmarks/pretrain_backbone.py``).
+
 The road/pavement colour swap of version 1 (``class_shift``) is off by default: it made the source-only model
 confidently wrong on a whole class, which no self-training can undo and which the real task does not have.
 
@@ -78,6 +82,11 @@ class SyntheticConfig:
     #: class (pavement read as road), which no self-training can undo and which the real task does not have
     #: (docs/PROXY.md). The scene priors (``SCENE_PRIORS``) carry the content part of the shift instead.
     class_shift: float = DEFAULT_CLASS_SHIFT
+    #: Which world the files show. ``synth2real``: the benchmark (game-like source split, camera-like target
+    #: splits). ``pretrain``: the ImageNet / COCO analogue, a third domain for pretraining the backbone that is
+    #: neither style: every split composed with the wide ``pretrain`` scene prior and rendered by
+    #: ``render_random`` (a new random palette, lighting, texture and camera per image).
+    style: str = "synth2real"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -329,7 +338,23 @@ SCENE_PRIORS: dict[str, ScenePrior] = {
         rider_p=0.65,
         building_height=(9.0, 22.0),
     ),
+    # the pretext world (ImageNet / COCO analogue): any camera, any street, between and beyond the two domains
+    "pretrain": ScenePrior(
+        horizon=(0.3, 0.55),
+        focal=(0.7, 1.4),
+        cam_height=(1.1, 2.4),
+        hood=(0.0, 0.08),
+        vehicle_p=0.55,
+        bus_p=0.06,
+        truck_p=0.08,
+        parking_p=0.5,
+        pedestrians=7,
+        tree_p=0.6,
+        rider_p=0.5,
+        building_height=(6.0, 32.0),
+    ),
 }
+STYLES = ("synth2real", "pretrain")
 
 
 def _ego_hood(cv: _Canvas, rng: np.random.Generator, height: float) -> None:
@@ -1103,6 +1128,47 @@ def render_target(
     return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
+def render_random(layout: Scene | np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Style-randomised rendering for the pretext domain, RGB uint8 [H,W,3].
+
+    Every image draws its own palette (each material a uniform random colour), instance jitter, sun side, exposure,
+    sky, grain and noise, and sometimes blur: colour says nothing about the class across images, so a network
+    pretrained on it must learn shape, layout and context, as ImageNet / COCO features carry them to GTA5 and
+    Cityscapes alike. Neither the source nor the target palette is used.
+    """
+    scene = _as_scene(layout)
+    n_mat = len(_MATERIALS)
+    palette = rng.uniform(15, 240, size=(n_mat, 3)).astype(np.float32)
+    jitter = rng.uniform(4, 40, size=n_mat).astype(np.float32)
+    sun = rng.uniform(0.5, 1.05, size=2).astype(np.float32)
+    face_gain = np.array([rng.uniform(0.75, 1.0), sun[0], sun[1], 1.0], dtype=np.float32)
+    colours = _instance_colours(scene, rng, palette, jitter, face_gain)
+    inst = scene.instances
+    h, w = inst.shape
+    mat = scene.material[inst]
+    gain = rng.uniform(0.7, 1.2, size=3).astype(np.float32)
+    grain = np.float32(rng.uniform(0, 25)) * _uniform_noise(rng, (h, w))
+    mult = 1 + np.float32(rng.uniform(0, 0.25)) * _value_noise(rng, h, w, int(rng.integers(6, 32)))
+    top = min(h, int(np.ceil(scene.horizon + 0.5)) + 1)
+    sky = mat[:top] == _MAT["sky"]
+    sky_grad = _sky_gradient(
+        np.arange(top, dtype=np.float32), scene.horizon, rng.uniform(30, 250, 3).astype(np.float32), palette[0]
+    )
+    planes = []
+    for c in range(3):  # colour planes, not a pixel loop
+        plane = colours[:, c][inst]
+        plane += grain
+        plane *= mult
+        plane *= gain[c]
+        if top > 0:
+            np.copyto(plane[:top], sky_grad[:, c : c + 1] * gain[c], where=sky)
+        planes.append(np.clip(plane, 0, 255, out=plane).astype(np.uint8))
+    img = cv2.merge(planes)
+    if rng.random() < 0.5:
+        img = cv2.GaussianBlur(img, (0, 0), sigmaX=rng.uniform(0.4, 1.2))
+    return img
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------------------------
@@ -1123,9 +1189,11 @@ def _city_of(split: str, index: int, count: int) -> str:
     return cities[min(index * len(cities) // max(count, 1), len(cities) - 1)]
 
 
-def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    """The RNG of one image: any image can be regenerated alone, whatever the order or number of workers."""
-    return np.random.default_rng([seed, _SPLIT_CODE[split], index])
+def image_rng(seed: int, split: str, index: int, style: str = "synth2real") -> np.random.Generator:
+    """The RNG of one image: any image can be regenerated alone, whatever the order or number of workers. The
+    pretext style draws from its own streams, so its scenes are not the benchmark's scenes under another prior."""
+    extra = [] if style == "synth2real" else [STYLES.index(style)]
+    return np.random.default_rng([seed, _SPLIT_CODE[split], index, *extra])
 
 
 def _paths(root: Path, split: str, index: int, count: int) -> tuple[Path, Path]:
@@ -1143,11 +1211,16 @@ def _paths(root: Path, split: str, index: int, count: int) -> tuple[Path, Path]:
 def _write_one(args: tuple[str, SyntheticConfig, str, int, int]) -> None:
     """Render and write one image + label (top level so worker processes can run it)."""
     root, cfg, split, index, count = args
-    rng = image_rng(cfg.seed, split, index)
-    scene = compose_scene(rng, cfg.width, cfg.height, "source" if split == "source" else "target")
-    rgb = (
-        render_source(scene, rng) if split == "source" else render_target(scene, rng, cfg.style_shift, cfg.class_shift)
-    )
+    rng = image_rng(cfg.seed, split, index, cfg.style)
+    if cfg.style == "pretrain":
+        scene = compose_scene(rng, cfg.width, cfg.height, "pretrain")
+        rgb = render_random(scene, rng)
+    elif split == "source":
+        scene = compose_scene(rng, cfg.width, cfg.height, "source")
+        rgb = render_source(scene, rng)
+    else:
+        scene = compose_scene(rng, cfg.width, cfg.height, "target")
+        rgb = render_target(scene, rng, cfg.style_shift, cfg.class_shift)
     label_ids = TRAIN_ID_TO_LABEL_ID[scene.labels]
     img_path, lbl_path = _paths(Path(root), split, index, count)
     cv2.imwrite(str(img_path), rgb[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1])
@@ -1173,6 +1246,8 @@ def generate(root: str | Path, cfg: SyntheticConfig, progress: bool = True, work
         raise DataError(f"synthetic dataset: image size {cfg.width}x{cfg.height} is too small (min 64x32)")
     if min(cfg.n_source, cfg.n_target_train, cfg.n_target_val) < 0:
         raise DataError("synthetic dataset: image counts must be >= 0")
+    if cfg.style not in STYLES:
+        raise DataError(f"synthetic dataset: unknown style {cfg.style!r} (choose from {', '.join(STYLES)})")
     root = Path(root)
     counts = {"source": cfg.n_source, "train": cfg.n_target_train, "val": cfg.n_target_val}
     (root / "gta5" / "images").mkdir(parents=True, exist_ok=True)

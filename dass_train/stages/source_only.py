@@ -44,7 +44,7 @@ class OracleStage(SourceOnlyStage):
     stage = "oracle"
 
     def iterations(self) -> int:
-        return self.cfg.stages.oracle_iters
+        return self.cfg.stages.oracle_iters or self.cfg.stages.source_only_iters
 
     def build_streams(self) -> None:
         cfg, seed = self.cfg, self.cfg.run.seed
