@@ -9,7 +9,7 @@ dynamic labels are at least as accurate as the static labels they extend (denser
 
     python benchmarks/dynamic_threshold.py runs/tables-seed0/row4/adapt/last.pt --batches 40
 
-Writes benchmarks/results/dynamic_threshold.{json,md} with the command and the machine.
+Writes benchmarks/results/<name>.{json,md} (default dynamic_threshold) with the command and the machine.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", type=Path, help="an adapt-stage last.pt of a synth2real run (its run folder intact)")
     p.add_argument("--batches", type=int, default=40, help="(source, target) batches to measure on")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--name", default="dynamic_threshold", help="results file name (e.g. dynamic_threshold_paper)")
     args = p.parse_args(argv)
     command = "python benchmarks/dynamic_threshold.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
 
@@ -125,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         "chosen": chosen,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dynamic_threshold.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
-        "# Dynamic-label threshold T (Eq. 8): density and accuracy on the synthetic proxy",
+        f"# Dynamic-label threshold T (Eq. 8): density and accuracy on the synthetic proxy ({cfg.preset})",
         "",
         f"Command: `{command}`.",
         "",
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "Chosen by the rule: " + ", ".join(f"{s}: T = {c['T'] if c else 'none'}" for s, c in chosen.items()),
         "",
     ]
-    (args.out / "dynamic_threshold.md").write_text("\n".join(lines))
+    (args.out / f"{args.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 
