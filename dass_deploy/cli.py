@@ -20,7 +20,15 @@ import numpy as np
 import rich_click as click
 
 from dass_deploy.backends import BACKENDS, DEVICES
-from dass_deploy.cli_common import SOME_FAILED, Signals, fail, finish, run_command
+from dass_deploy.cli_common import (
+    SOME_FAILED,
+    Signals,
+    adapt_frames_option,
+    adapt_frames_value,
+    fail,
+    finish,
+    run_command,
+)
 from dass_deploy.errors import DeployError
 
 CITYSCAPES_NAME = re.compile(r"([A-Za-z]+_\d{6}_\d{6})")
@@ -123,6 +131,13 @@ def _save_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
     help="Score predictions against *_gtFine_labelIds.png / *_labelTrainIds.png in GT_DIR, matched by Cityscapes "
     "name (<city>_<seq>_<frame>); prints and saves the mIoU table.",
 )
+@click.option(
+    "--adapt-bn",
+    metavar="SOURCE",
+    help="With --checkpoint: first re-estimate the BatchNorm statistics on unlabelled frames of SOURCE (image "
+    "folder, glob, video, camera, stream) at the run size; nothing is saved (docs/ADAPT_BN.md).",
+)
+@adapt_frames_option
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs in --out.")
 @click.option(
     "--threads", type=click.IntRange(min=1), help="CPU threads for the runtime (default: one per physical core)."
@@ -169,6 +184,7 @@ def segment(ctx: click.Context, **params: object) -> None:
       dass-segment leftImg8bit/val --eval gtFine/val --save labelids
       dass-segment --benchmark --sizes 512x1024 --repeats 10 --json bench.json
       dass-segment street.png --backend openvino --precision bf16
+      dass-segment drive.mp4 --checkpoint last.pt --adapt-bn drive.mp4
     """
     args = argparse.Namespace(**params)
     args.eval = args.gt_dir
@@ -179,6 +195,14 @@ def segment(ctx: click.Context, **params: object) -> None:
         raise click.UsageError("--model and --checkpoint are mutually exclusive: give one")
     if not args.benchmark and not args.sources:
         raise click.UsageError("give at least one SOURCE (or --benchmark)")
+    args.adapt_frames = adapt_frames_value(args.adapt_bn, args.adapt_frames)
+    if args.adapt_bn is not None and (args.benchmark or not args.checkpoint):
+        raise click.UsageError(
+            "--adapt-bn re-estimates the statistics in PyTorch: it needs --checkpoint CKPT (for an exported model, "
+            "export it with dass-export --adapt-bn SOURCE)"
+            if not args.benchmark
+            else "--adapt-bn is not used with --benchmark"
+        )
     from dass_train.errors import UserError  # torch-free
 
     with Signals() as signals:
@@ -284,6 +308,11 @@ def _segment(args: argparse.Namespace, signals: Signals) -> int:
         return 1
 
     start = time.perf_counter()
+    frames = None
+    if args.adapt_bn is not None:  # checked before the model loads; read and used before anything is written
+        from dass_deploy.adapt_frames import open_adapt_frames
+
+        frames = open_adapt_frames(args.adapt_bn, args.adapt_frames)
     seg = Segmenter(
         args.checkpoint or args.model,
         backend=args.backend,
@@ -292,6 +321,13 @@ def _segment(args: argparse.Namespace, signals: Signals) -> int:
         threads=args.threads,
         precision=args.precision,
     )
+    if frames is not None:
+        from dass_deploy.adapt_bn import adapt_torch_backend
+
+        adaptation = adapt_torch_backend(seg.backend, frames, seg.size, progress=not args.quiet)
+        print(adaptation.summary)
+        for note in adaptation.notes:
+            print(f"note: {note}")
     out_dir = args.out or next_run_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     renderer = Renderer(seg.class_names, seg.palette, alpha=args.alpha, with_legend=args.legend)

@@ -21,6 +21,8 @@ import onnx
 import torch
 from torch import nn
 
+from dass_deploy.adapt_bn import Adaptation, adapt_bn, bn_training, model_card
+from dass_deploy.adapt_frames import DEFAULT_ADAPT_FRAMES, AdaptFrames, open_adapt_frames
 from dass_deploy.errors import DeployError
 from dass_deploy.export.graph import (
     INPUT_NAME,
@@ -128,11 +130,18 @@ def export_model(
     openvino: bool = False,
     int8_calibration: str | None = None,
     int8_keep_float: Sequence[str] | None = None,
+    adapt_bn_source: str | None = None,
+    adapt_frames: int = DEFAULT_ADAPT_FRAMES,
 ) -> ExportResult:
     """Export ``checkpoint`` to ``<out>/<name>/`` (Triton layout), check parity with torch, rename into place.
 
     ``int8_calibration`` / ``int8_keep_float`` left at None take ``default_int8_method`` (NNCF on CPU, ONNX
     Runtime's percentile calibration for TensorRT; benchmarks/results/int8.md measures the choices).
+
+    ``adapt_bn_source`` (``--adapt-bn``): re-estimate every BatchNorm layer's statistics on up to ``adapt_frames``
+    frames of that source at the export size before tracing (``dass_deploy.adapt_bn``); meta.json records it as
+    ``adapt_bn`` and a model card (README.md) says what was done. The frames are read and the statistics estimated
+    before anything is written.
 
     Raises ``DeployError`` for bad options, an existing destination, a missing TensorRT / GPU and failed parity
     (unless ``force``), and ``dass_train.errors.CheckpointError`` for unreadable checkpoints.
@@ -175,6 +184,7 @@ def export_model(
         require_tensorrt()  # fail before the slow part
     if openvino:
         require_openvino()
+    frames = open_adapt_frames(adapt_bn_source, adapt_frames) if adapt_bn_source is not None else None
 
     step(f"loading {checkpoint}")
     kwargs = {} if stem is None else {"stem": stem}
@@ -186,6 +196,10 @@ def export_model(
             f"{checkpoint}: {num_classes} classes do not fit the uint8 labels output; use --output logits"
         )
     normalization = ckpt_meta["normalization"]
+    adaptation = None
+    if frames is not None:
+        step(f"re-estimating BatchNorm statistics on {frames.selection} of {frames.spec} at {height}x{width}")
+        adaptation = _adapt(model, ckpt_meta, frames, height, width, progress)
 
     created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -200,6 +214,7 @@ def export_model(
                 tmp_dir, work, step, model, ckpt_meta, report, checkpoint, name, dest, height, width, dynamic,
                 output, precision, calib_paths, trt, source, stem, force, parity_samples, int8_val, normalization,
                 openvino=openvino, int8_method=(int8_calibration, tuple(int8_keep_float)), progress=progress,
+                adaptation=adaptation,
             )  # fmt: skip
         if dest.exists():  # --overwrite: swap, then delete the old folder
             old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=out))
@@ -215,6 +230,19 @@ def export_model(
         raise
     result.model_dir = dest
     return result
+
+
+def _adapt(
+    model: nn.Module, ckpt_meta: dict, frames: AdaptFrames, height: int, width: int, progress: bool
+) -> Adaptation:
+    """``--adapt-bn``: the statistics re-estimated through the export graph's own normalisation, at the export size."""
+    from dass_train.checkpoint import upsampling_align_corners
+
+    graph = ExportGraph(model, ckpt_meta["normalization"], align_corners=upsampling_align_corners(ckpt_meta))
+    return adapt_bn(
+        model, frames, (height, width), torch.from_numpy, forward=graph, training=bn_training(ckpt_meta),
+        progress=progress,
+    )  # fmt: skip
 
 
 def _export_into(
@@ -243,6 +271,7 @@ def _export_into(
     openvino: bool = False,
     int8_method: tuple[str, tuple[str, ...]] = ("nncf", ()),
     progress: bool = False,
+    adaptation: Adaptation | None = None,
 ) -> ExportResult:
     """The export proper, writing into ``tmp_dir``; ``export_model`` owns the temp-folder / rename protocol."""
     from dass_train.checkpoint import upsampling_align_corners
@@ -277,9 +306,12 @@ def _export_into(
     # Parity: torch fp32 vs ORT (logits of the shipped precision, and the shipped graph's own output).
     step(f"parity check on {parity_samples} inputs (ONNX Runtime CPU vs torch)")
     images = synthetic_images(max(1, parity_samples), height, width)
-    real = calib_paths[:1]
+    # one real input: a calibration image, or a frame of the camera the model is adapted to
+    real = [load_image(path, height, width) for path in calib_paths[:1]]
+    if not real and adaptation is not None and adaptation.sample is not None:
+        real = [adaptation.sample]
     if real:
-        images[-1] = load_image(real[0], height, width)
+        images[-1] = real[0]
     parity, failures, shipped_session = compare_with_torch(
         graph, logits_model, shipped, images, output, precision, real_images=len(real)
     )
@@ -404,10 +436,16 @@ def _export_into(
         },
         "parity": parity,
         "versions": _versions(),
+        # --adapt-bn: the BatchNorm statistics re-estimated on the user's frames (dass_deploy.adapt_bn)
+        "adapt_bn": adaptation.record if adaptation is not None else None,
     }
-    if ckpt_meta.get("metrics"):
+    if ckpt_meta.get("metrics") and adaptation is None:
         meta["metrics"] = ckpt_meta["metrics"]
+    elif ckpt_meta.get("metrics"):  # measured before --adapt-bn changed the model: not this model's figures
+        meta["export"]["checkpoint_metrics"] = ckpt_meta["metrics"]
     (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if adaptation is not None:
+        (tmp_dir / "README.md").write_text(model_card(meta))
 
     size_mb = onnx_path.stat().st_size / 1e6
     line = (
@@ -416,6 +454,8 @@ def _export_into(
         f"{' (FORCED)' if parity['forced'] else ''} -> {VERSION}/{ONNX_FILE} {size_mb:.1f} MB"
     )
     summary = [*report, line]
+    if adaptation is not None:
+        summary += [adaptation.summary, *(f"note: {note}" for note in adaptation.notes)]
     if "int8" in extra:
         i8 = extra["int8"]
         text = f"INT8 on CPU: {i8['fp32_ms']:.0f} ms -> {i8['int8_ms']:.0f} ms ({i8['cpu_speedup']:.2f}x)"
