@@ -58,6 +58,54 @@ def bn_training(ckpt_meta: dict[str, Any]) -> str:
     return "unknown" if frozen is None else "frozen" if frozen else "trainable"
 
 
+class FrameFeed:
+    """The frames as the model sees them: each resized to ``size`` (H, W) as ``Segmenter.preprocess`` does (``None``:
+    each at its own size, as a bare checkpoint runs) and given as ``float32 [1,3,H,W]`` RGB 0..255, the input of the
+    exported graph. On the way it fingerprints them (sha256 in reading order), keeps the first (a real input for the
+    export's parity check) and drives the progress bar, whichever runtime estimates the statistics."""
+
+    def __init__(self, frames: AdaptFrames, size: tuple[int, int] | None, progress: bool) -> None:
+        from tqdm import tqdm
+
+        self.frames, self.size = frames, size
+        self.digest = hashlib.sha256()
+        self.sample: np.ndarray | None = None
+        self.count = 0
+        self.bar = tqdm(total=frames.planned, desc="adapt-bn", unit="frame", disable=not progress, dynamic_ncols=True)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        try:
+            for rgb in self.frames:
+                rgb = resize_to(rgb, self.size)
+                self.digest.update(f"{rgb.shape}".encode() + np.ascontiguousarray(rgb).tobytes())
+                x = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
+                if self.sample is None:
+                    self.sample = x
+                yield x[None]
+                self.count += 1
+                self.bar.update(1)
+        finally:
+            self.bar.close()
+
+    def check(self) -> None:
+        """Too few frames came (some could not be decoded, or a video or stream ended): one line naming SOURCE."""
+        frames, seen = self.frames, self.count
+        if seen >= MIN_ADAPT_FRAMES:
+            return
+        why = f" ({frames.skipped[0]})" if frames.skipped else ""
+        if seen == 0:
+            raise DeployError(f"--adapt-bn {frames.spec}: no decodable frame{why}")
+        raise DeployError(
+            f"--adapt-bn {frames.spec}: {seen} decodable frame{'s' * (seen != 1)}, fewer than the minimum "
+            f"{MIN_ADAPT_FRAMES}{why} (docs/ADAPT_BN.md)"
+        )
+
+    def adaptation(self, before: Statistics, after: Statistics, training: str, runtime: str) -> Adaptation:
+        """The record, summary line and notes of an estimate made on these frames."""
+        record = adaptation_record(self, after, training, statistics_shift(before, after), runtime)
+        return Adaptation(record, summary_line(record), _notes(training), self.sample)
+
+
 def adapt_bn(
     model: Any,
     frames: AdaptFrames,
@@ -69,12 +117,12 @@ def adapt_bn(
 ) -> Adaptation:
     """Re-estimate every BatchNorm layer of ``model`` (a torch module) on ``frames``, in place.
 
-    Each frame is resized to ``size`` (H, W) as ``Segmenter.preprocess`` does (``None``: each at its own size, as a
-    bare checkpoint runs), turned into ``float32 [1,3,H,W]`` RGB 0..255 and given to ``to_tensor``; ``forward``
-    (default: ``model``) runs on the result, so the caller decides where normalisation happens, exactly as at
-    inference. Too few frames raise a one-line ``DeployError`` and leave the statistics as they were.
+    Each frame goes through ``FrameFeed`` (resized to ``size``, ``float32 [1,3,H,W]`` RGB 0..255), then
+    ``to_tensor``; ``forward`` (default: ``model``) runs on the result, so the caller decides where normalisation
+    happens, exactly as at inference. Too few frames raise a one-line ``DeployError`` and leave the statistics as
+    they were.
     """
-    from tqdm import tqdm
+    import torch
 
     from dass_train.bn_statistics import batchnorm_layers, cumulative_bn_statistics
 
@@ -83,40 +131,15 @@ def adapt_bn(
         raise DeployError("--adapt-bn: the model has no BatchNorm layer, so it has no statistics to adapt")
     saved = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in layers.items()}
     before = _statistics(layers)
-    digest = hashlib.sha256()
-    first: list[np.ndarray] = []
-    bar = tqdm(total=frames.planned, desc="adapt-bn", unit="frame", disable=not progress, dynamic_ncols=True)
-
-    def batches() -> Iterator[Any]:
-        for rgb in frames:
-            rgb = resize_to(rgb, size)
-            digest.update(f"{rgb.shape}".encode() + np.ascontiguousarray(rgb).tobytes())
-            x = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
-            if not first:
-                first.append(x)
-            yield to_tensor(x[None])
-            bar.update(1)
-
+    feed = FrameFeed(frames, size, progress)
+    cumulative_bn_statistics(model, (to_tensor(x) for x in feed), list(layers.values()), forward)
     try:
-        seen = cumulative_bn_statistics(model, batches(), list(layers.values()), forward)
-    finally:
-        bar.close()
-    if seen < MIN_ADAPT_FRAMES:
+        feed.check()
+    except DeployError:
         for name, m in layers.items():
             m.load_state_dict(saved[name])
-        raise DeployError(_too_few(frames, seen))
-    record = _record(frames, seen, size, digest.hexdigest(), layers, training, statistics_shift(before, layers))
-    return Adaptation(record, summary_line(record), _notes(training), first[0])
-
-
-def _too_few(frames: AdaptFrames, seen: int) -> str:
-    why = f" ({frames.skipped[0]})" if frames.skipped else ""
-    if seen == 0:
-        return f"--adapt-bn {frames.spec}: no decodable frame{why}"
-    return (
-        f"--adapt-bn {frames.spec}: {seen} decodable frame{'s' * (seen != 1)}, fewer than the minimum "
-        f"{MIN_ADAPT_FRAMES}{why} (docs/ADAPT_BN.md)"
-    )
+        raise
+    return feed.adaptation(before, _statistics(layers), training, f"torch {torch.__version__}")
 
 
 def _statistics(layers: dict[str, Any]) -> Statistics:
@@ -130,10 +153,9 @@ def _statistics(layers: dict[str, Any]) -> Statistics:
     }
 
 
-def statistics_shift(before: Statistics, layers: dict[str, Any]) -> dict[str, Any]:
+def statistics_shift(before: Statistics, after: Statistics) -> dict[str, Any]:
     """How far the statistics moved, per channel in units of the old standard deviation (mean shift) and as the
     ratio of new to old standard deviation; medians and tails over all channels, and the layer that moved most."""
-    after = _statistics(layers)
     names = list(before)
     sizes = [len(before[n][0]) for n in names]
     mean_b, mean_a = (np.concatenate([s[n][0] for n in names]) for s in (before, after))
@@ -159,33 +181,26 @@ def statistics_shift(before: Statistics, layers: dict[str, Any]) -> dict[str, An
     }
 
 
-def _record(
-    frames: AdaptFrames,
-    seen: int,
-    size: tuple[int, int] | None,
-    sha256: str,
-    layers: dict[str, Any],
-    training: str,
-    shift: dict[str, Any],
+def adaptation_record(
+    feed: FrameFeed, after: Statistics, training: str, shift: dict[str, Any], runtime: str
 ) -> dict[str, Any]:
-    import torch
-
+    """meta.json's ``adapt_bn``: the source and frames, the layers, the estimator and the statistics' provenance."""
     import dass_deploy
 
     return {
-        "source": frames.record(),
-        "frames": seen,
-        "size": list(size) if size else None,
-        "frames_sha256": sha256,
-        "layers": len(layers),
-        "channels": int(sum(m.num_features for m in layers.values())),
-        "layer_names": list(layers),
+        "source": feed.frames.record(),
+        "frames": feed.count,
+        "size": list(feed.size) if feed.size else None,
+        "frames_sha256": feed.digest.hexdigest(),
+        "layers": len(after),
+        "channels": int(sum(len(mean) for mean, _, _ in after.values())),
+        "layer_names": list(after),
         "bn_training": training,
         "estimator": ESTIMATOR,
         "statistics": {
             "before": BEFORE.get(training, BEFORE["unknown"]),
-            "after": f"re-estimated on these {seen} frames by dass {dass_deploy.__version__} with torch "
-            f"{torch.__version__}; nothing of the checkpoint's statistics is kept",
+            "after": f"re-estimated on these {feed.count} frames by dass {dass_deploy.__version__} with {runtime}; "
+            "nothing of the checkpoint's statistics is kept",
         },
         "shift": shift,
     }
