@@ -118,6 +118,12 @@ def _name_option(ctx: click.Context, param: click.Parameter, value: str | None) 
     "record it (docs/ADAPT_BN.md).",
 )
 @adapt_frames_option
+@click.option(
+    "--keep-bn",
+    is_flag=True,
+    help="Keep the BatchNorm nodes (fp32) instead of folding them into the convolutions, so that dass-segment "
+    "--model M --adapt-bn SOURCE can re-estimate them without PyTorch (docs/ADAPT_BN.md).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing <out>/<name>.")
 @click.option("--force", is_flag=True, help="Write the model even if the parity check fails.")
 @click.option(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -14,15 +16,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import SAMPLES
+from conftest import SAMPLES, subprocess_env
 from test_video import make_clip
 
 from dass_deploy.adapt_bn import adapt_bn, bn_training
+from dass_deploy.adapt_bn_onnx import batchnorm_nodes
 from dass_deploy.adapt_frames import MIN_ADAPT_FRAMES, evenly_spaced, open_adapt_frames
 from dass_deploy.backends import create_backend
 from dass_deploy.cli import segment_main
 from dass_deploy.cli_export import export_main
 from dass_deploy.errors import DeployError
+from dass_deploy.export import export_model
 from dass_deploy.export.graph import ExportGraph
 from dass_train.bn_statistics import batchnorm_layers
 from dass_train.checkpoint import checkpoint_meta_default, load_model, save_checkpoint
@@ -292,12 +296,97 @@ def test_usage_errors(ckpt, camera, tmp_path, capsys):
         assert exc.value.code == 2
     image = str(SAMPLES / "street_1024x512.png")
     for argv in (
-        [image, "--adapt-bn", str(camera), "--out", str(tmp_path / "s")],  # an exported model: not in PyTorch
+        [image, "--adapt-bn", str(camera), "--backend", "openvino", "--out", str(tmp_path / "s")],
+        [image, "--adapt-bn", str(camera), "--benchmark"],
         [image, "--adapt-frames", "32"],
     ):
         with pytest.raises(SystemExit) as exc:
             segment_main(argv)
         assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "x>=16" in err and "needs --checkpoint" in err and "only used with --adapt-bn" in err
+    err = " ".join(capsys.readouterr().err.replace("│", " ").split())  # click's error box, unwrapped
+    assert "x>=16" in err and "only used with --adapt-bn" in err and "not used with --benchmark" in err
+    assert "runs it with ONNX Runtime: use --backend onnxruntime" in err
     assert not out.exists() and not (tmp_path / "s").exists()
+
+
+# ---- without PyTorch: an export that keeps its BatchNorm nodes, re-estimated with ONNX Runtime + numpy ----------
+@pytest.fixture(scope="module")
+def kept(work, ckpt) -> Path:
+    """dass-export --keep-bn (fp32 logits): BatchNormalization nodes instead of BN folded into the convolutions."""
+    out = work / "models"
+    argv = [str(ckpt), "--out", str(out), "--name", "kept", "--height", str(H), "--width", str(W), "--quiet"]
+    assert export_main([*argv, "--output", "logits", "--keep-bn", "--parity-samples", "2"]) == 0
+    return out / "kept"
+
+
+def test_runtime_adaptation_without_torch_equals_the_pytorch_path(kept, adapted, ckpt, camera, tmp_path):
+    """In a process that never imports torch, dass-segment --model KEPT --adapt-bn re-estimates the statistics with
+    ONNX Runtime; they equal the PyTorch estimate on the same frames, and the adapted graph gives the logits of the
+    PyTorch model with those statistics (and of the folded --adapt-bn export)."""
+    meta = json.loads((kept / "meta.json").read_text())
+    assert meta["export"]["batchnorm"] == {"nodes": "kept", "layers": 20, "training": "trainable"}
+    graph_proto = onnx.load(str(kept / "1" / "model.onnx"))
+    assert sum(n.op_type == "BatchNormalization" for n in graph_proto.graph.node) == 20
+    image = sorted(camera.glob("*.png"))[3]
+    code = (
+        "import json, sys, onnx\n"
+        "from pathlib import Path\n"
+        "from dass_deploy.cli import segment_main\n"
+        "from dass_deploy.adapt_bn_onnx import adapt_onnx_model\n"
+        "from dass_deploy.adapt_frames import open_adapt_frames\n"
+        f"argv = [{str(image)!r}, '--model', {str(kept)!r}, '--adapt-bn', {str(camera)!r}, '--quiet']\n"
+        f"assert segment_main(argv + ['--out', {str(tmp_path / 'seg')!r}, '--save', 'labels']) == 0\n"
+        f"model_path = Path({str(kept)!r}) / '1' / 'model.onnx'\n"
+        f"meta = json.loads(Path({str(kept)!r}, 'meta.json').read_text())\n"
+        f"model, done = adapt_onnx_model(model_path, meta, open_adapt_frames({str(camera)!r}), ({H}, {W}), "
+        "['CPUExecutionProvider'], progress=False)\n"
+        f"onnx.save(model, {str(tmp_path / 'adapted.onnx')!r})\n"
+        f"Path({str(tmp_path / 'record.json')!r}).write_text(json.dumps(done.record))\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"BN statistics re-estimated on {FRAMES} frames of {camera} at {H}x{W}" in proc.stdout
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["frames"] == FRAMES and "onnxruntime" in record["statistics"]["after"]
+
+    model, ckpt_meta, _ = load_model(ckpt)
+    graph = ExportGraph(model, ckpt_meta["normalization"]).eval()
+    torch_done = adapt_bn(
+        model, open_adapt_frames(str(camera)), (H, W), torch.from_numpy, forward=graph, progress=False
+    )
+    assert record["frames_sha256"] == torch_done.record["frames_sha256"]
+    assert sorted(record["layer_names"]) == sorted(torch_done.record["layer_names"])
+    adapted_proto = onnx.load(str(tmp_path / "adapted.onnx"))
+    layers = dict(model.named_modules())
+    for node in batchnorm_nodes(adapted_proto):  # named after the PyTorch modules
+        bn = layers[node.layer]
+        np.testing.assert_allclose(
+            node.mean, bn.running_mean.numpy(), rtol=1e-4, atol=1e-5 * float(bn.running_mean.abs().max())
+        )
+        np.testing.assert_allclose(node.var, bn.running_var.numpy(), rtol=1e-4, atol=1e-6)
+    frames = np.stack([f.transpose(2, 0, 1) for f in _read_rgb(camera)[:2]]).astype(np.float32)
+    with torch.no_grad():
+        expected = graph(torch.from_numpy(frames)).numpy()
+    scale = max(1.0, float(np.abs(expected).max()))
+    for path in (tmp_path / "adapted.onnx", adapted / "1" / "model.onnx"):
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": frames})[0]
+        assert np.abs(got - expected).max() <= 1e-4 * scale, path
+    labels = cv2.imread(str(next((tmp_path / "seg").glob("*_labels.png"))), cv2.IMREAD_UNCHANGED)
+    with torch.no_grad():  # what dass-segment wrote for the camera frame it segmented
+        logits = graph(torch.from_numpy(_read_rgb(camera)[3].transpose(2, 0, 1)[None].astype(np.float32)))
+    assert (labels == logits[0].argmax(0).numpy()).mean() > 0.999
+
+
+def test_runtime_adaptation_needs_kept_batchnorm_and_onnxruntime(adapted, kept, ckpt, camera, tmp_path, capsys):
+    image = str(sorted(camera.glob("*.png"))[0])
+    argv = [image, "--model", str(adapted), "--adapt-bn", str(camera), "--out", str(tmp_path / "o"), "--quiet"]
+    assert segment_main(argv) == 2  # BN folded at export: nothing left to re-estimate without PyTorch
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "folded into the convolutions" in err and "--keep-bn" in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(DeployError, match="--keep-bn keeps float32"):
+        export_model(ckpt, out=tmp_path / "m", keep_bn=True, fp16=True, progress=False)
+    assert not (tmp_path / "m").exists()

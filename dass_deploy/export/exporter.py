@@ -78,6 +78,7 @@ def _validate(
     name,
     trt: bool = False,
     dynamic: bool = False,
+    keep_bn: bool = False,
 ) -> None:
     if height < 8 or width < 8:
         raise DeployError(f"--height/--width must be at least 8, got {height}x{width}")
@@ -90,6 +91,11 @@ def _validate(
         )
     if fp16 and int8:
         raise DeployError("choose one of --fp16 and --int8 (with --trt, --int8 also enables fp16 kernels)")
+    if keep_bn and (fp16 or int8):
+        raise DeployError(
+            "--keep-bn keeps float32 BatchNormalization nodes for a runtime to re-estimate; export it in fp32 "
+            "(without --fp16 / --int8)"
+        )
     if int8 and calib is None:
         raise DeployError("--int8 needs --calib DIR with target-domain images")
     if calib is not None and not int8:
@@ -132,6 +138,7 @@ def export_model(
     int8_keep_float: Sequence[str] | None = None,
     adapt_bn_source: str | None = None,
     adapt_frames: int = DEFAULT_ADAPT_FRAMES,
+    keep_bn: bool = False,
 ) -> ExportResult:
     """Export ``checkpoint`` to ``<out>/<name>/`` (Triton layout), check parity with torch, rename into place.
 
@@ -141,7 +148,9 @@ def export_model(
     ``adapt_bn_source`` (``--adapt-bn``): re-estimate every BatchNorm layer's statistics on up to ``adapt_frames``
     frames of that source at the export size before tracing (``dass_deploy.adapt_bn``); meta.json records it as
     ``adapt_bn`` and a model card (README.md) says what was done. The frames are read and the statistics estimated
-    before anything is written.
+    before anything is written. ``keep_bn`` (``--keep-bn``): the graph keeps its BatchNormalization nodes instead of
+    folding them into the convolutions, so that ``dass-segment --model M --adapt-bn SOURCE`` can re-estimate them
+    without PyTorch (``dass_deploy.adapt_bn_onnx``); fp32 only.
 
     Raises ``DeployError`` for bad options, an existing destination, a missing TensorRT / GPU and failed parity
     (unless ``force``), and ``dass_train.errors.CheckpointError`` for unreadable checkpoints.
@@ -152,7 +161,7 @@ def export_model(
         if progress:
             print(f"dass-export: {message}", file=sys.stderr, flush=True)
 
-    _validate(height, width, output, fp16, int8, calib, int8_val, name, trt, dynamic)
+    _validate(height, width, output, fp16, int8, calib, int8_val, name, trt, dynamic, keep_bn)
     int8_calibration, int8_keep_float = default_int8_method(int8_calibration, int8_keep_float, trt)
     if int8_calibration not in CALIBRATIONS:
         raise DeployError(f"--int8-calibration must be one of {', '.join(CALIBRATIONS)}, got {int8_calibration!r}")
@@ -214,7 +223,7 @@ def export_model(
                 tmp_dir, work, step, model, ckpt_meta, report, checkpoint, name, dest, height, width, dynamic,
                 output, precision, calib_paths, trt, source, stem, force, parity_samples, int8_val, normalization,
                 openvino=openvino, int8_method=(int8_calibration, tuple(int8_keep_float)), progress=progress,
-                adaptation=adaptation,
+                adaptation=adaptation, keep_bn=keep_bn,
             )  # fmt: skip
         if dest.exists():  # --overwrite: swap, then delete the old folder
             old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=out))
@@ -272,6 +281,7 @@ def _export_into(
     int8_method: tuple[str, tuple[str, ...]] = ("nncf", ()),
     progress: bool = False,
     adaptation: Adaptation | None = None,
+    keep_bn: bool = False,
 ) -> ExportResult:
     """The export proper, writing into ``tmp_dir``; ``export_model`` owns the temp-folder / rename protocol."""
     from dass_train.checkpoint import upsampling_align_corners
@@ -282,9 +292,10 @@ def _export_into(
     step(f"tracing to ONNX (opset {OPSET}, {height}x{width}{', dynamic' if dynamic else ''})")
     raw_path = work / "logits_raw.onnx"
     with torch.inference_mode():
-        _torch_export(graph, raw_path, height, width, dynamic)
-    fp32_logits = _simplify(onnx.load(str(raw_path)))
+        _torch_export(graph, raw_path, height, width, dynamic, keep_bn)
+    fp32_logits = _simplify(onnx.load(str(raw_path)), keep_bn)
     onnx.checker.check_model(fp32_logits)
+    batchnorm = _batchnorm_record(model, fp32_logits, ckpt_meta, keep_bn)
 
     # The shipped logits graph of the requested precision.
     extra: dict = {}
@@ -433,6 +444,7 @@ def _export_into(
             "int8": extra.get("int8"),
             "tensorrt": trt_info,
             "openvino": openvino_info,
+            "batchnorm": batchnorm,
         },
         "parity": parity,
         "versions": _versions(),
@@ -469,6 +481,18 @@ def _export_into(
     if trt_info:
         summary.append(f"TensorRT {trt_info['tensorrt']} plan -> {VERSION}/{PLAN_FILE} (profile {trt_info['profile']})")
     return ExportResult(model_dir=dest, meta=meta, summary=summary)
+
+
+def _batchnorm_record(model: nn.Module, graph: onnx.ModelProto, ckpt_meta: dict, keep_bn: bool) -> dict:
+    """meta.json's ``export.batchnorm``: whether the graph kept its BatchNormalization nodes (checked: one per BN
+    layer, or a runtime could not re-estimate them all) and how the checkpoint's BN trained."""
+    from dass_train.bn_statistics import batchnorm_layers
+
+    layers = len(batchnorm_layers(model, include_frozen=True))
+    nodes = sum(1 for n in graph.graph.node if n.op_type == "BatchNormalization")
+    if keep_bn and nodes != layers:
+        raise DeployError(f"--keep-bn: the ONNX graph has {nodes} BatchNormalization nodes for {layers} BN layers")
+    return {"nodes": "kept" if keep_bn else "folded", "layers": layers, "training": bn_training(ckpt_meta)}
 
 
 def _quantiser_version(calibration: str) -> str:
