@@ -50,8 +50,8 @@ class _Part:
 class AdaptFrames:
     """Up to ``limit`` RGB ``uint8 [H,W,3]`` frames of ``spec``, read lazily (iterate once).
 
-    ``planned`` is how many the plan expects (a video may end early or hold undecodable frames: ``read`` counts
-    what came); ``skipped`` names the inputs that could not be decoded.
+    ``planned`` is how many the plan expects (an image may not decode, a video may end early); ``skipped`` names
+    what could not be decoded.
     """
 
     spec: str
@@ -60,7 +60,6 @@ class AdaptFrames:
     parts: list[_Part]
     available: int | None  # frames in the whole source; None for a camera or stream
     skipped: list[str] = field(default_factory=list)
-    read: int = 0
 
     @property
     def live(self) -> bool:
@@ -88,9 +87,7 @@ class AdaptFrames:
                 wanted = [i - part.offset for i in chosen if part.offset <= i < end]
             if not wanted:
                 continue
-            for rgb in _frames_of(part, wanted, self.skipped):
-                self.read += 1
-                yield rgb
+            yield from _frames_of(part, wanted, self.skipped)
 
     def record(self) -> dict:
         """What meta.json says about the source (``adapt_bn.source``)."""
@@ -167,7 +164,8 @@ def _kind(images: int, videos: list[VideoItem]) -> str:
 
 
 def open_adapt_frames(spec: str, limit: int = DEFAULT_ADAPT_FRAMES) -> AdaptFrames:
-    """Resolve ``--adapt-bn SOURCE`` and plan which frames to read; nothing is decoded but video headers.
+    """Resolve ``--adapt-bn SOURCE`` and plan which frames to read; nothing is decoded but video headers (and the
+    frames of a video whose container gives no frame count, to count them).
 
     Raises a one-line ``DeployError`` for a limit below ``MIN_ADAPT_FRAMES``, a source that does not exist or
     cannot be opened, and a source known to hold fewer than ``MIN_ADAPT_FRAMES`` frames.
