@@ -1,5 +1,6 @@
 """``--adapt-bn``: a model's BatchNorm statistics re-estimated on unlabelled frames of the user's camera, before
-export (``dass-export``) or inference (``dass-segment --checkpoint``).
+export (``dass-export``) or inference (``dass-segment --checkpoint``; ``adapt_bn_onnx`` does it without PyTorch for
+an exported model that kept its BatchNorm nodes).
 
 A deployed model meets a city and a camera that were never its target domain. On the synthetic benchmark the
 strongest effect measured is not a loss term but BN statistics: re-estimating them on unlabelled target images took
