@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dass_deploy.adapt_bn import card_lines
 from dass_deploy.cli import segment_main
 from dass_deploy.cli_export import export_main
 from dass_train.checkpoint import load_checkpoint
@@ -164,6 +165,7 @@ def write_card(folder: Path, stage: str, card: dict, cards: dict, command: str) 
         "The checkpoint column predicts at 256x128 and upsamples logits to the 512x256 labels; the export column runs",
         "the exported graph at 256x128 and resizes class maps with nearest neighbour, as `dass-segment` does.",
         "",
+        *(card_lines(meta["adapt_bn"]) if meta.get("adapt_bn") else []),
         "## Files",
         "",
         f"- `1/model.onnx`: {meta['precision']} weights, input RGB float32 0..255 "

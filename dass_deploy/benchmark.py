@@ -67,7 +67,8 @@ def _plan(model: str | Path | None, checkpoint: str | Path | None, device: str) 
                 plan.append(("openvino", "bf16", model))  # f32 layers in bfloat16: a separate, labelled row
     if device == "cuda" and info.plan_path is not None and importlib.util.find_spec("tensorrt") is not None:
         plan.append(("tensorrt", exported, model))
-    if importlib.util.find_spec("torch") is not None:
+    # an --adapt-bn export's statistics are not in its source checkpoint, so torch would run another model
+    if importlib.util.find_spec("torch") is not None and not info.meta.get("adapt_bn"):
         try:
             source_checkpoint(model, info.meta)
             precisions = ["fp32", "fp16", "bf16"] if device == "cuda" else ["fp32"]

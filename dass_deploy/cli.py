@@ -14,14 +14,27 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import rich_click as click
 
 from dass_deploy.backends import BACKENDS, DEVICES
-from dass_deploy.cli_common import SOME_FAILED, Signals, fail, finish, run_command
+from dass_deploy.cli_common import (
+    SOME_FAILED,
+    Signals,
+    adapt_frames_option,
+    adapt_frames_value,
+    fail,
+    finish,
+    run_command,
+)
 from dass_deploy.errors import DeployError
+
+if TYPE_CHECKING:
+    from dass_deploy.adapt_frames import AdaptFrames
+    from dass_deploy.segmenter import Segmenter
 
 CITYSCAPES_NAME = re.compile(r"([A-Za-z]+_\d{6}_\d{6})")
 RUNS_DIR = Path("runs/segment")
@@ -123,6 +136,14 @@ def _save_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
     help="Score predictions against *_gtFine_labelIds.png / *_labelTrainIds.png in GT_DIR, matched by Cityscapes "
     "name (<city>_<seq>_<frame>); prints and saves the mIoU table.",
 )
+@click.option(
+    "--adapt-bn",
+    metavar="SOURCE",
+    help="First re-estimate the BatchNorm statistics on unlabelled frames of SOURCE (image folder, glob, video, "
+    "camera, stream) at the run size, in memory: in PyTorch with --checkpoint, with ONNX Runtime for a model "
+    "exported with --keep-bn (docs/ADAPT_BN.md).",
+)
+@adapt_frames_option
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs in --out.")
 @click.option(
     "--threads", type=click.IntRange(min=1), help="CPU threads for the runtime (default: one per physical core)."
@@ -169,6 +190,7 @@ def segment(ctx: click.Context, **params: object) -> None:
       dass-segment leftImg8bit/val --eval gtFine/val --save labelids
       dass-segment --benchmark --sizes 512x1024 --repeats 10 --json bench.json
       dass-segment street.png --backend openvino --precision bf16
+      dass-segment drive.mp4 --checkpoint last.pt --adapt-bn drive.mp4
     """
     args = argparse.Namespace(**params)
     args.eval = args.gt_dir
@@ -179,6 +201,14 @@ def segment(ctx: click.Context, **params: object) -> None:
         raise click.UsageError("--model and --checkpoint are mutually exclusive: give one")
     if not args.benchmark and not args.sources:
         raise click.UsageError("give at least one SOURCE (or --benchmark)")
+    args.adapt_frames = adapt_frames_value(args.adapt_bn, args.adapt_frames)
+    if args.adapt_bn is not None and args.benchmark:
+        raise click.UsageError("--adapt-bn is not used with --benchmark")
+    if args.adapt_bn is not None and not args.checkpoint and args.backend not in ("auto", "onnxruntime"):
+        raise click.UsageError(
+            "--adapt-bn with an exported model re-estimates and runs it with ONNX Runtime: use --backend onnxruntime "
+            "(or --checkpoint CKPT for PyTorch)"
+        )
     from dass_train.errors import UserError  # torch-free
 
     with Signals() as signals:
@@ -266,11 +296,37 @@ class Evaluator:
         return f"eval on {len(self.matched)} image(s):\n" + format_table(result, class_names)
 
 
+def _segmenter(args: argparse.Namespace, frames: AdaptFrames | None) -> Segmenter:
+    """The segmenter of the options; with ``--adapt-bn`` its model's BN statistics re-estimated on ``frames`` first:
+    in PyTorch for ``--checkpoint``, with ONNX Runtime for an exported model kept with its BN nodes."""
+    from dass_deploy.segmenter import Segmenter, parse_size
+
+    options = dict(device=args.device, size=args.size, threads=args.threads, precision=args.precision)
+    if frames is None:
+        return Segmenter(args.checkpoint or args.model, backend=args.backend, **options)
+    if args.checkpoint:
+        from dass_deploy.adapt_bn import adapt_torch_backend
+
+        seg = Segmenter(args.checkpoint, backend=args.backend, **options)
+        adaptation = adapt_torch_backend(seg.backend, frames, seg.size, progress=not args.quiet)
+    else:
+        from dass_deploy.adapt_bn_onnx import adapt_exported_model
+        from dass_deploy.repository import default_model_dir
+
+        backend, adaptation = adapt_exported_model(
+            args.model or default_model_dir(), frames, parse_size(args.size), args.device, args.threads, not args.quiet
+        )
+        seg = Segmenter(backend, **options)
+    print(adaptation.summary)
+    for note in adaptation.notes:
+        print(f"note: {note}")
+    return seg
+
+
 def _segment(args: argparse.Namespace, signals: Signals) -> int:
     from tqdm import tqdm
 
     from dass_deploy.pipeline import run_video
-    from dass_deploy.segmenter import Segmenter
     from dass_deploy.sinks import ImageSink, Renderer, VideoSink, parse_save
     from dass_deploy.sources import collect_sources, open_video, read_image
 
@@ -284,14 +340,12 @@ def _segment(args: argparse.Namespace, signals: Signals) -> int:
         return 1
 
     start = time.perf_counter()
-    seg = Segmenter(
-        args.checkpoint or args.model,
-        backend=args.backend,
-        device=args.device,
-        size=args.size,
-        threads=args.threads,
-        precision=args.precision,
-    )
+    frames = None
+    if args.adapt_bn is not None:  # checked before the model loads; read and used before anything is written
+        from dass_deploy.adapt_frames import open_adapt_frames
+
+        frames = open_adapt_frames(args.adapt_bn, args.adapt_frames)
+    seg = _segmenter(args, frames)
     out_dir = args.out or next_run_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     renderer = Renderer(seg.class_names, seg.palette, alpha=args.alpha, with_legend=args.legend)

@@ -14,6 +14,8 @@ from typing import NoReturn
 
 import rich_click as click
 
+from dass_deploy.adapt_frames import DEFAULT_ADAPT_FRAMES, MIN_ADAPT_FRAMES
+
 OK, SOME_FAILED, USAGE, INTERRUPTED, TERMINATED = 0, 1, 2, 130, 143
 
 click.rich_click.TEXT_MARKUP = None  # help texts are plain: brackets like [N,3,H,W] are not rich markup
@@ -106,3 +108,21 @@ class Signals:
     @property
     def exit_code(self) -> int:
         return TERMINATED if self.terminated else INTERRUPTED
+
+
+#: ``--adapt-frames`` of dass-segment and dass-export (both adapt BN statistics with ``dass_deploy.adapt_bn``).
+adapt_frames_option = click.option(
+    "--adapt-frames",
+    type=click.IntRange(min=MIN_ADAPT_FRAMES),
+    default=None,
+    metavar="N",
+    help=f"--adapt-bn: use at most N frames, spread evenly over SOURCE (minimum {MIN_ADAPT_FRAMES}). "
+    f"[default: {DEFAULT_ADAPT_FRAMES}]",
+)
+
+
+def adapt_frames_value(adapt_bn: str | None, adapt_frames: int | None) -> int:
+    """``--adapt-frames`` or its default; given without ``--adapt-bn`` it is a usage error."""
+    if adapt_frames is not None and adapt_bn is None:
+        raise click.UsageError("--adapt-frames is only used with --adapt-bn SOURCE")
+    return DEFAULT_ADAPT_FRAMES if adapt_frames is None else adapt_frames

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import rich_click as click
 
-from dass_deploy.cli_common import OK, Signals, fail, finish, run_command
+from dass_deploy.cli_common import OK, Signals, adapt_frames_option, adapt_frames_value, fail, finish, run_command
 from dass_deploy.errors import DeployError
 from dass_deploy.repository import check_model_name
 
@@ -109,6 +109,21 @@ def _name_option(ctx: click.Context, param: click.Parameter, value: str | None) 
     type=click.Choice(("source", "target")),
     help="Which stem of the authors' two-stem checkpoints to use (default: target, the one for real images).",
 )
+@click.option(
+    "--adapt-bn",
+    "adapt_bn_source",
+    metavar="SOURCE",
+    help="Re-estimate the BatchNorm statistics on unlabelled frames of SOURCE (anything dass-segment reads: image "
+    "folder, glob, video, camera, stream) at the export size before exporting; meta.json and the model card "
+    "record it (docs/ADAPT_BN.md).",
+)
+@adapt_frames_option
+@click.option(
+    "--keep-bn",
+    is_flag=True,
+    help="Keep the BatchNorm nodes (fp32) instead of folding them into the convolutions, so that dass-segment "
+    "--model M --adapt-bn SOURCE can re-estimate them without PyTorch (docs/ADAPT_BN.md).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing <out>/<name>.")
 @click.option("--force", is_flag=True, help="Write the model even if the parity check fails.")
 @click.option(
@@ -130,8 +145,10 @@ def export(**args: object) -> None:
       dass-export final.pt --int8 --calib data/cityscapes/leftImg8bit/train/aachen
       dass-export authors_gta2city.pth --from bida-authors --stem target --output logits
       dass-export final.pt --trt --fp16                  # needs a CUDA GPU and 'dass[gpu]'
+      dass-export final.pt --adapt-bn dashcam.mp4        # BN statistics of the user's camera
     """
     quiet = bool(args.pop("quiet"))
+    args["adapt_frames"] = adapt_frames_value(args["adapt_bn_source"], args["adapt_frames"])
     keep = args.pop("int8_keep_float")
     if keep is not None:  # None: the default of the chosen quantiser
         keep = () if keep.strip().lower() == "none" else tuple(k.strip() for k in keep.split(",") if k.strip())

@@ -68,6 +68,11 @@ FIELDS: dict[str, tuple[bool, Check]] = {
     "name": (False, _string),
     "output": (False, lambda v: None if isinstance(v, dict) else "must be an object"),
     "output.kind": (False, _one_of("labels", "logits")),
+    # --adapt-bn (dass_deploy.adapt_bn): the torch backend and the benchmark refuse to run such a model from its
+    # source checkpoint, whose statistics are the unadapted ones; the model card reads the counts
+    "adapt_bn": (False, lambda v: None if v is None or isinstance(v, dict) else "must be an object or null"),
+    "adapt_bn.frames": (False, _positive_int),
+    "adapt_bn.layers": (False, _positive_int),
 }
 
 _MISSING = object()

@@ -30,6 +30,14 @@ def parse_size(text: str | Sequence[int] | None) -> tuple[int, int] | None:
     return h, w
 
 
+def resize_to(rgb: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """``uint8 [H,W,3]`` stretched (bilinear) to ``size`` (H, W); unchanged when it has that size or ``size`` is
+    None. What every model input goes through: inference here, BN adaptation (``adapt_bn``) alike."""
+    if size is not None and rgb.shape[:2] != tuple(size):
+        rgb = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    return rgb
+
+
 class Segmenter:
     """One inference path for the CLI, the demo and the benchmark.
 
@@ -79,9 +87,7 @@ class Segmenter:
         """``uint8 [H,W,3]`` -> ``float32 [3,h,w]`` RGB 0..255 at the run size (normalisation is the graph's job)."""
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise DeployError(f"expected an RGB image [H,W,3], got shape {rgb.shape}")
-        if self.size is not None and rgb.shape[:2] != self.size:
-            rgb = cv2.resize(rgb, (self.size[1], self.size[0]), interpolation=cv2.INTER_LINEAR)
-        return rgb.transpose(2, 0, 1).astype(np.float32)
+        return resize_to(rgb, self.size).transpose(2, 0, 1).astype(np.float32)
 
     @staticmethod
     def postprocess(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

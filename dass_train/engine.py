@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dass_train import bida
+from dass_train.bn_statistics import batchnorm_layers, cumulative_bn_statistics
 from dass_train.checkpoint import checkpoint_meta_default, load_checkpoint, load_init_weights, save_checkpoint
 from dass_train.config import Config
 from dass_train.data.domains import Stream, eval_dataset
@@ -90,26 +91,21 @@ def target_bn_statistics(
     """AdaBN: set trainable BN running statistics to their average over (eval-size) target images.
 
     Running statistics updated with momentum during training follow random crops; inference sees whole frames, so
-    domain BN re-estimates them in one cumulative pass (at the start of adaptation, at each static-label refresh
-    and at the end). Averaged over DDP ranks. Returns the number of images this rank used.
+    domain BN re-estimates them in one cumulative pass (``bn_statistics.cumulative_bn_statistics``: at the start of
+    adaptation, at each static-label refresh and at the end). Frozen BN layers are left alone. Averaged over DDP
+    ranks. Returns the number of images this rank used.
     """
     mine = list(range(dist_info.rank, min(len(dataset), max_images), dist_info.world_size))
-    was = model.training
-    model.train()  # frozen BN layers stay in eval mode (DeepLabV2.train) and are left alone
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average over the pass
-    for i in range(0, len(mine), batch):
-        model(torch.stack([dataset[j]["image"] for j in mine[i : i + batch]]).to(device))
-    for m, momentum in zip(bns, saved, strict=True):
-        m.momentum = momentum
-        if dist_info.enabled:
+    layers = list(batchnorm_layers(model).values())
+    batches = (
+        torch.stack([dataset[j]["image"] for j in mine[i : i + batch]]).to(device) for i in range(0, len(mine), batch)
+    )
+    cumulative_bn_statistics(model, batches, layers)
+    if dist_info.enabled:
+        for m in layers:
             for buf in (m.running_mean, m.running_var):
                 torch.distributed.all_reduce(buf)
                 buf /= dist_info.world_size
-    model.train(was)
     return len(mine)
 
 

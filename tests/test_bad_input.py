@@ -86,6 +86,8 @@ BROKEN_META = {
     "names_short": (lambda m: m["class_names"].pop(), "has 18 names for num_classes 19"),
     "bad_palette": (lambda m: m["palette"][0].append(7), "field 'palette' must be a list of [r, g, b]"),
     "bad_kind": (lambda m: m["output"].update(kind="probabilities"), "field 'output.kind' must be one of"),
+    "adapt_bn_text": (lambda m: m.update(adapt_bn="yes"), "field 'adapt_bn' must be an object or null"),
+    "adapt_bn_frames": (lambda m: m.update(adapt_bn={"frames": 0}), "field 'adapt_bn.frames' must be a positive"),
 }
 
 

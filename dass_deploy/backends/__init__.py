@@ -116,6 +116,12 @@ def create_backend(
         from dass_deploy.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(info, device=device, threads=threads)
+    if info.meta.get("adapt_bn"):
+        raise DeployError(
+            f"{path} was exported with --adapt-bn: its BatchNorm statistics are in the exported graph, not in the "
+            "source checkpoint the torch backend would load; use --backend onnxruntime, or --checkpoint CKPT "
+            "--adapt-bn SOURCE"
+        )
     from dass_deploy.backends.torch_backend import TorchBackend
 
     return TorchBackend(

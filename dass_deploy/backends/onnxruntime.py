@@ -31,31 +31,41 @@ def session_options(threads: int | None = None):
     return opts
 
 
-class OnnxRuntimeBackend:
-    """Runs ``1/model.onnx`` of a model directory; ``device`` is ``cpu``, ``cuda`` or ``tensorrt`` (ORT's TRT EP)."""
+def providers_for(device: str) -> list[str]:
+    """The execution providers to ask for on ``device``, the first one required to be installed here."""
+    import onnxruntime as ort
 
-    def __init__(self, info: ModelInfo, device: str = "cpu", threads: int | None = None):
+    if device not in PROVIDERS:
+        raise DeployError(f"--device {device!r} is not one of {', '.join(PROVIDERS)}")
+    available = ort.get_available_providers()
+    if PROVIDERS[device][0] not in available:
+        raise DeployError(
+            f"ONNX Runtime has no {PROVIDERS[device][0]} here (available: {', '.join(available)}); "
+            "install onnxruntime-gpu and use a machine with an NVIDIA GPU, or use --device cpu"
+        )
+    return [p for p in PROVIDERS[device] if p in available]
+
+
+class OnnxRuntimeBackend:
+    """Runs ``1/model.onnx`` of a model directory; ``device`` is ``cpu``, ``cuda`` or ``tensorrt`` (ORT's TRT EP).
+    ``model`` (serialised ONNX) runs instead of the file: the folder's model adapted in memory (``--adapt-bn``)."""
+
+    def __init__(self, info: ModelInfo, device: str = "cpu", threads: int | None = None, model: bytes | None = None):
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - a dependency of the package
             raise DeployError(
                 "the onnxruntime backend needs the 'onnxruntime' package (pip install onnxruntime)"
             ) from exc
-        if device not in PROVIDERS:
-            raise DeployError(f"--device {device!r} is not one of {', '.join(PROVIDERS)}")
-        available = ort.get_available_providers()
-        if PROVIDERS[device][0] not in available:
-            raise DeployError(
-                f"ONNX Runtime has no {PROVIDERS[device][0]} here (available: {', '.join(available)}); "
-                "install onnxruntime-gpu and use a machine with an NVIDIA GPU, or use --device cpu"
-            )
+        providers = providers_for(device)
         if info.onnx_path is None:
             raise DeployError(f"{info.path}: no ONNX model (1/model.onnx); try --backend tensorrt or torch")
         onnx_path = info.onnx_path
-        providers = [p for p in PROVIDERS[device] if p in available]
         try:
             self.session = ort.InferenceSession(
-                str(onnx_path), sess_options=session_options(threads), providers=providers
+                model if model is not None else str(onnx_path),
+                sess_options=session_options(threads),
+                providers=providers,
             )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types for unreadable files
             raise DeployError(f"cannot load ONNX model {onnx_path}: {str(exc).splitlines()[0]}") from exc

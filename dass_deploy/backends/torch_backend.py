@@ -56,6 +56,8 @@ class TorchBackend:
         model = model.eval().to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        self.network = model  # the module itself (``--adapt-bn`` re-estimates its BatchNorm statistics)
+        self.checkpoint_meta = ckpt_meta
         self.model = torch.compile(model) if compile else model
         self.precision = precision
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
@@ -72,16 +74,23 @@ class TorchBackend:
         self.input_size = (int(h), int(w)) if h and w else None
         self.dynamic = True  # a fully convolutional network takes any size
 
+    def prepare(self, batch: np.ndarray) -> Any:
+        """``float32 [N,3,H,W]`` RGB 0..255 -> the network's input tensor (colour order, mean, std, device): what
+        ``predict`` feeds the network, and what ``--adapt-bn`` re-estimates the statistics on."""
+        torch = self.torch
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, non_blocking=True)
+        if self.bgr:
+            x = x.flip(1)
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """``float32 [N,3,H,W]`` RGB 0..255 -> ``uint8 [N,H,W]``."""
         torch = self.torch
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, non_blocking=True)
-            if self.bgr:
-                x = x.flip(1)
-            x = (x - self.mean) / self.std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self.prepare(batch)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 logits = self.model(x)
             logits = torch.nn.functional.interpolate(

@@ -21,6 +21,8 @@ import onnx
 import torch
 from torch import nn
 
+from dass_deploy.adapt_bn import Adaptation, adapt_bn, bn_training, model_card
+from dass_deploy.adapt_frames import DEFAULT_ADAPT_FRAMES, AdaptFrames, open_adapt_frames
 from dass_deploy.errors import DeployError
 from dass_deploy.export.graph import (
     INPUT_NAME,
@@ -76,6 +78,7 @@ def _validate(
     name,
     trt: bool = False,
     dynamic: bool = False,
+    keep_bn: bool = False,
 ) -> None:
     if height < 8 or width < 8:
         raise DeployError(f"--height/--width must be at least 8, got {height}x{width}")
@@ -88,6 +91,11 @@ def _validate(
         )
     if fp16 and int8:
         raise DeployError("choose one of --fp16 and --int8 (with --trt, --int8 also enables fp16 kernels)")
+    if keep_bn and (fp16 or int8):
+        raise DeployError(
+            "--keep-bn keeps float32 BatchNormalization nodes for a runtime to re-estimate; export it in fp32 "
+            "(without --fp16 / --int8)"
+        )
     if int8 and calib is None:
         raise DeployError("--int8 needs --calib DIR with target-domain images")
     if calib is not None and not int8:
@@ -128,11 +136,21 @@ def export_model(
     openvino: bool = False,
     int8_calibration: str | None = None,
     int8_keep_float: Sequence[str] | None = None,
+    adapt_bn_source: str | None = None,
+    adapt_frames: int = DEFAULT_ADAPT_FRAMES,
+    keep_bn: bool = False,
 ) -> ExportResult:
     """Export ``checkpoint`` to ``<out>/<name>/`` (Triton layout), check parity with torch, rename into place.
 
     ``int8_calibration`` / ``int8_keep_float`` left at None take ``default_int8_method`` (NNCF on CPU, ONNX
     Runtime's percentile calibration for TensorRT; benchmarks/results/int8.md measures the choices).
+
+    ``adapt_bn_source`` (``--adapt-bn``): re-estimate every BatchNorm layer's statistics on up to ``adapt_frames``
+    frames of that source at the export size before tracing (``dass_deploy.adapt_bn``); meta.json records it as
+    ``adapt_bn`` and a model card (README.md) says what was done. The frames are read and the statistics estimated
+    before anything is written. ``keep_bn`` (``--keep-bn``): the graph keeps its BatchNormalization nodes instead of
+    folding them into the convolutions, so that ``dass-segment --model M --adapt-bn SOURCE`` can re-estimate them
+    without PyTorch (``dass_deploy.adapt_bn_onnx``); fp32 only.
 
     Raises ``DeployError`` for bad options, an existing destination, a missing TensorRT / GPU and failed parity
     (unless ``force``), and ``dass_train.errors.CheckpointError`` for unreadable checkpoints.
@@ -143,7 +161,7 @@ def export_model(
         if progress:
             print(f"dass-export: {message}", file=sys.stderr, flush=True)
 
-    _validate(height, width, output, fp16, int8, calib, int8_val, name, trt, dynamic)
+    _validate(height, width, output, fp16, int8, calib, int8_val, name, trt, dynamic, keep_bn)
     int8_calibration, int8_keep_float = default_int8_method(int8_calibration, int8_keep_float, trt)
     if int8_calibration not in CALIBRATIONS:
         raise DeployError(f"--int8-calibration must be one of {', '.join(CALIBRATIONS)}, got {int8_calibration!r}")
@@ -175,6 +193,7 @@ def export_model(
         require_tensorrt()  # fail before the slow part
     if openvino:
         require_openvino()
+    frames = open_adapt_frames(adapt_bn_source, adapt_frames) if adapt_bn_source is not None else None
 
     step(f"loading {checkpoint}")
     kwargs = {} if stem is None else {"stem": stem}
@@ -186,6 +205,10 @@ def export_model(
             f"{checkpoint}: {num_classes} classes do not fit the uint8 labels output; use --output logits"
         )
     normalization = ckpt_meta["normalization"]
+    adaptation = None
+    if frames is not None:
+        step(f"re-estimating BatchNorm statistics on {frames.selection} of {frames.spec} at {height}x{width}")
+        adaptation = _adapt(model, ckpt_meta, frames, height, width, progress)
 
     created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -200,6 +223,7 @@ def export_model(
                 tmp_dir, work, step, model, ckpt_meta, report, checkpoint, name, dest, height, width, dynamic,
                 output, precision, calib_paths, trt, source, stem, force, parity_samples, int8_val, normalization,
                 openvino=openvino, int8_method=(int8_calibration, tuple(int8_keep_float)), progress=progress,
+                adaptation=adaptation, keep_bn=keep_bn,
             )  # fmt: skip
         if dest.exists():  # --overwrite: swap, then delete the old folder
             old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=out))
@@ -215,6 +239,19 @@ def export_model(
         raise
     result.model_dir = dest
     return result
+
+
+def _adapt(
+    model: nn.Module, ckpt_meta: dict, frames: AdaptFrames, height: int, width: int, progress: bool
+) -> Adaptation:
+    """``--adapt-bn``: the statistics re-estimated through the export graph's own normalisation, at the export size."""
+    from dass_train.checkpoint import upsampling_align_corners
+
+    graph = ExportGraph(model, ckpt_meta["normalization"], align_corners=upsampling_align_corners(ckpt_meta))
+    return adapt_bn(
+        model, frames, (height, width), torch.from_numpy, forward=graph, training=bn_training(ckpt_meta),
+        progress=progress,
+    )  # fmt: skip
 
 
 def _export_into(
@@ -243,6 +280,8 @@ def _export_into(
     openvino: bool = False,
     int8_method: tuple[str, tuple[str, ...]] = ("nncf", ()),
     progress: bool = False,
+    adaptation: Adaptation | None = None,
+    keep_bn: bool = False,
 ) -> ExportResult:
     """The export proper, writing into ``tmp_dir``; ``export_model`` owns the temp-folder / rename protocol."""
     from dass_train.checkpoint import upsampling_align_corners
@@ -253,9 +292,10 @@ def _export_into(
     step(f"tracing to ONNX (opset {OPSET}, {height}x{width}{', dynamic' if dynamic else ''})")
     raw_path = work / "logits_raw.onnx"
     with torch.inference_mode():
-        _torch_export(graph, raw_path, height, width, dynamic)
-    fp32_logits = _simplify(onnx.load(str(raw_path)))
+        _torch_export(graph, raw_path, height, width, dynamic, keep_bn)
+    fp32_logits = _simplify(onnx.load(str(raw_path)), keep_bn)
     onnx.checker.check_model(fp32_logits)
+    batchnorm = _batchnorm_record(model, fp32_logits, ckpt_meta, keep_bn)
 
     # The shipped logits graph of the requested precision.
     extra: dict = {}
@@ -277,9 +317,12 @@ def _export_into(
     # Parity: torch fp32 vs ORT (logits of the shipped precision, and the shipped graph's own output).
     step(f"parity check on {parity_samples} inputs (ONNX Runtime CPU vs torch)")
     images = synthetic_images(max(1, parity_samples), height, width)
-    real = calib_paths[:1]
+    # one real input: a calibration image, or a frame of the camera the model is adapted to
+    real = [load_image(path, height, width) for path in calib_paths[:1]]
+    if not real and adaptation is not None and adaptation.sample is not None:
+        real = [adaptation.sample]
     if real:
-        images[-1] = load_image(real[0], height, width)
+        images[-1] = real[0]
     parity, failures, shipped_session = compare_with_torch(
         graph, logits_model, shipped, images, output, precision, real_images=len(real)
     )
@@ -401,13 +444,20 @@ def _export_into(
             "int8": extra.get("int8"),
             "tensorrt": trt_info,
             "openvino": openvino_info,
+            "batchnorm": batchnorm,
         },
         "parity": parity,
         "versions": _versions(),
+        # --adapt-bn: the BatchNorm statistics re-estimated on the user's frames (dass_deploy.adapt_bn)
+        "adapt_bn": adaptation.record if adaptation is not None else None,
     }
-    if ckpt_meta.get("metrics"):
+    if ckpt_meta.get("metrics") and adaptation is None:
         meta["metrics"] = ckpt_meta["metrics"]
+    elif ckpt_meta.get("metrics"):  # measured before --adapt-bn changed the model: not this model's figures
+        meta["export"]["checkpoint_metrics"] = ckpt_meta["metrics"]
     (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if adaptation is not None:
+        (tmp_dir / "README.md").write_text(model_card(meta))
 
     size_mb = onnx_path.stat().st_size / 1e6
     line = (
@@ -416,6 +466,8 @@ def _export_into(
         f"{' (FORCED)' if parity['forced'] else ''} -> {VERSION}/{ONNX_FILE} {size_mb:.1f} MB"
     )
     summary = [*report, line]
+    if adaptation is not None:
+        summary += [adaptation.summary, *(f"note: {note}" for note in adaptation.notes)]
     if "int8" in extra:
         i8 = extra["int8"]
         text = f"INT8 on CPU: {i8['fp32_ms']:.0f} ms -> {i8['int8_ms']:.0f} ms ({i8['cpu_speedup']:.2f}x)"
@@ -429,6 +481,18 @@ def _export_into(
     if trt_info:
         summary.append(f"TensorRT {trt_info['tensorrt']} plan -> {VERSION}/{PLAN_FILE} (profile {trt_info['profile']})")
     return ExportResult(model_dir=dest, meta=meta, summary=summary)
+
+
+def _batchnorm_record(model: nn.Module, graph: onnx.ModelProto, ckpt_meta: dict, keep_bn: bool) -> dict:
+    """meta.json's ``export.batchnorm``: whether the graph kept its BatchNormalization nodes (checked: one per BN
+    layer, or a runtime could not re-estimate them all) and how the checkpoint's BN trained."""
+    from dass_train.bn_statistics import batchnorm_layers
+
+    layers = len(batchnorm_layers(model, include_frozen=True))
+    nodes = sum(1 for n in graph.graph.node if n.op_type == "BatchNormalization")
+    if keep_bn and nodes != layers:
+        raise DeployError(f"--keep-bn: the ONNX graph has {nodes} BatchNormalization nodes for {layers} BN layers")
+    return {"nodes": "kept" if keep_bn else "folded", "layers": layers, "training": bn_training(ckpt_meta)}
 
 
 def _quantiser_version(calibration: str) -> str:

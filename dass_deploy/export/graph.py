@@ -58,20 +58,29 @@ class ExportGraph(nn.Module):
         return logits
 
 
-def _torch_export(graph: ExportGraph, path: Path, height: int, width: int, dynamic: bool) -> None:
+def _torch_export(
+    graph: ExportGraph, path: Path, height: int, width: int, dynamic: bool, keep_bn: bool = False
+) -> None:
     """Trace ``graph`` to ONNX with a dynamic batch axis (and dynamic H, W when ``dynamic``).
 
     The TorchScript exporter (``dynamo=False``) is tried first: it is fast and handles this plain CNN; torch
-    versions without it fall back to the dynamo exporter.
+    versions without it fall back to the dynamo exporter. It folds each BatchNorm into the convolution before it,
+    unless ``keep_bn`` (``--keep-bn``): then the graph keeps BatchNormalization nodes, whose statistics a runtime
+    can re-estimate without PyTorch (``dass_deploy.adapt_bn_onnx``); the model is still in eval mode, so the nodes
+    normalise with the stored statistics.
     """
     dummy = torch.zeros(1, 3, height, width)
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
     out_axes = dict(axes) if graph.output == "logits" else {k - 1 if k > 0 else 0: v for k, v in axes.items()}
     out_name = LOGITS_NAME if graph.output == "logits" else LABELS_NAME
     kwargs = dict(input_names=[INPUT_NAME], output_names=[out_name], opset_version=OPSET)
+    # PRESERVE exports the modules' own (eval) mode without the eval-mode folding of BN into the convolutions
+    training = torch.onnx.TrainingMode.PRESERVE if keep_bn else torch.onnx.TrainingMode.EVAL
     try:
         with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice is expected here
             warnings.simplefilter("ignore", DeprecationWarning)
+            # PRESERVE's advice to turn constant folding off is for training graphs; this one is in eval mode
+            warnings.filterwarnings("ignore", message="It is recommended that constant folding be turned off")
             torch.onnx.export(
                 graph,
                 (dummy,),
@@ -79,6 +88,7 @@ def _torch_export(graph: ExportGraph, path: Path, height: int, width: int, dynam
                 dynamo=False,
                 do_constant_folding=True,
                 dynamic_axes={INPUT_NAME: axes, out_name: out_axes},
+                training=training,
                 **kwargs,
             )
     except (TypeError, NotImplementedError):  # TorchScript exporter removed
@@ -90,12 +100,13 @@ def _torch_export(graph: ExportGraph, path: Path, height: int, width: int, dynam
         program.save(str(path))
 
 
-def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant folding and dead-node removal with onnxslim; the unsimplified graph is kept if slim fails."""
+def _simplify(model: onnx.ModelProto, keep_bn: bool = False) -> onnx.ModelProto:
+    """Constant folding and dead-node removal with onnxslim; the unsimplified graph is kept if slim fails.
+    ``keep_bn``: without onnxslim's Conv+BatchNormalization fusion."""
     try:
         import onnxslim
 
-        slim = onnxslim.slim(model)
+        slim = onnxslim.slim(model, skip_fusion_patterns=["FusionConvBN"] if keep_bn else None)
         if slim is not None:
             onnx.checker.check_model(slim)
             return slim
