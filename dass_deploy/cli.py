@@ -20,17 +20,28 @@ import numpy as np
 import rich_click as click
 
 from dass_deploy.backends import BACKENDS, DEVICES
-from dass_deploy.cli_common import SOME_FAILED, Signals, fail, finish, run_command
+from dass_deploy.cli_common import SOME_FAILED, Signals, fail, finish, require_extra, run_command
 from dass_deploy.errors import DeployError
+from dass_train.extras import MISSING_EXTRA_EXIT, missing_extra
 
 CITYSCAPES_NAME = re.compile(r"([A-Za-z]+_\d{6}_\d{6})")
 RUNS_DIR = Path("runs/segment")
 
-EPILOG = "Exit status: 0 ok, 1 some inputs failed, 2 usage or setup error, 130 Ctrl-C, 143 SIGTERM."
+EPILOG = (
+    "Exit status: 0 ok, 1 some inputs failed (or the extra a runtime needs is not installed), 2 usage or setup "
+    "error, 130 Ctrl-C, 143 SIGTERM."
+)
+#: --backend -> the extra that brings its runtime (ONNX Runtime comes with the base install).
+BACKEND_EXTRAS = {"torch": "train", "openvino": "openvino", "tensorrt": "gpu"}
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:
-    """``dass-export`` lives in ``dass_deploy.cli_export``; imported lazily so ``dass-segment`` never loads torch."""
+    """``dass-export`` lives in ``dass_deploy.cli_export``; imported lazily so ``dass-segment`` never loads torch.
+    Without the ``train`` extra (torch, onnx) it prints the one line naming it and returns 1."""
+    message = missing_extra("dass-export", "train")
+    if message:
+        click.echo(message, err=True)
+        return MISSING_EXTRA_EXIT
     from dass_deploy.cli_export import export_main as main
 
     return main(argv)
@@ -179,6 +190,10 @@ def segment(ctx: click.Context, **params: object) -> None:
         raise click.UsageError("--model and --checkpoint are mutually exclusive: give one")
     if not args.benchmark and not args.sources:
         raise click.UsageError("give at least one SOURCE (or --benchmark)")
+    if args.checkpoint:
+        require_extra("dass-segment --checkpoint", "train")
+    elif args.backend in BACKEND_EXTRAS:
+        require_extra(f"dass-segment --backend {args.backend}", BACKEND_EXTRAS[args.backend])
     from dass_train.errors import UserError  # torch-free
 
     with Signals() as signals:
