@@ -66,6 +66,18 @@ def _sizes_option(ctx: click.Context, param: click.Parameter, value: str | None)
     return value
 
 
+def _model_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    """``--model NAME|DIR``: a folder as given, else a model name looked up in the user's and the bundled models."""
+    from dass_deploy.repository import find_model
+
+    if value is None:
+        return None
+    try:
+        return find_model(value)
+    except DeployError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _save_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
     from dass_deploy.sinks import parse_save
 
@@ -84,8 +96,10 @@ def _save_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.argument("sources", nargs=-1, metavar="[SOURCE]...")
 @click.option(
     "--model",
-    type=click.Path(exists=True, file_okay=False),
-    help="Exported model folder models/<name> (default: models/DEFAULT or $DASS_MODEL).",
+    callback=_model_option,
+    metavar="NAME|DIR",
+    help="Exported model: a folder, or the name of one in ./models ($DASS_MODELS if set), then in the bundled models "
+    "(default: $DASS_MODEL, else the model named by DEFAULT there).",
 )
 @click.option(
     "--checkpoint",
