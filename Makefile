@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= runs/synth2real-demo
+# `make gpu-wheels`: the wheels benchmarks/gpu_suite.sh installs with --no-index on the GPU machine (its Python).
+GPU_PYTHON ?= 3.12
+WHL        ?= .whl
 
-.PHONY: setup demo test lint browser clean
+.PHONY: setup demo test lint browser gpu-wheels clean
 
 # torch==2.13.0 first: it is the CPU build, so pip never pulls a multi-GB CUDA build on a CPU machine.
 # Each target installs the extras it uses: `make demo` the train extra, `make test` the test extra (all of them).
@@ -39,6 +42,13 @@ test: $(VENV)/.installed-test browser
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# The few wheels the GPU suite needs beyond a bare CUDA image (benchmarks/gpu/requirements.txt says which and why),
+# for that machine's Python, without their dependencies (the image has them): carried along in .whl/.
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform any -d $(WHL) -r benchmarks/gpu/requirements.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
