@@ -2,7 +2,7 @@
 
 Everything the page shows comes from ``dass_deploy`` (``Segmenter`` for inference, ``visualize`` for colours,
 ``pipeline`` for videos): the demo adds no inference code of its own, so what you see is what the CLI and the
-runtime produce. Start it with ``dass-demo --models models/`` or ``python app/app.py``.
+runtime produce. Start it with ``dass-demo`` (the user's models and the bundled ones) or ``python app/app.py``.
 """
 
 from __future__ import annotations
@@ -33,14 +33,13 @@ from dass_deploy import visualize
 from dass_deploy.cli_common import fail, finish, run_command
 from dass_deploy.errors import DeployError
 from dass_deploy.pipeline import run_video
-from dass_deploy.repository import default_model_dir, list_models
+from dass_deploy.repository import default_model_dir, list_models, model_roots
 from dass_deploy.segmenter import Segmenter
 from dass_deploy.sinks import Renderer, VideoSink
 from dass_deploy.sources import VIDEO_EXTS, VideoItem, open_video, read_image
 
 APP_DIR = Path(__file__).resolve().parent
 EXAMPLES_DIR = APP_DIR / "examples"
-REPO_MODELS = APP_DIR.parent / "models"
 
 #: Upload limit enforced by the server (``launch(max_file_size=...)``) and named in the UI.
 MAX_FILE_SIZE = "25mb"
@@ -182,14 +181,25 @@ class ComparePair:
         return f"Adapted: {self.adapted.label()}"
 
 
-def discover_models(models_root: str | Path) -> dict[str, ModelEntry]:
+#: One model folder, several (the first holding a name wins), or None for ``model_roots()``.
+ModelRoots = str | Path | list[Path] | None
+
+
+def discover_models(models_root: ModelRoots) -> dict[str, ModelEntry]:
     """Every model directory under ``models_root`` (via ``dass_deploy.repository.list_models``), by name."""
     entries = {}
     for info in list_models(models_root):
         entries[info.name] = ModelEntry(name=info.name, path=info.path, meta=info.meta)
     if not entries:
-        raise DeployError(f"no exported models found in {models_root} (export one with dass-export)")
+        where = " or ".join(str(root) for root in _as_list(models_root))
+        raise DeployError(f"no exported models found in {where} (export one with dass-export)")
     return entries
+
+
+def _as_list(models_root: ModelRoots) -> list[Path]:
+    if models_root is None:
+        return model_roots()
+    return [Path(models_root)] if isinstance(models_root, str | Path) else list(models_root)
 
 
 def compare_pairs(models: dict[str, ModelEntry]) -> list[ComparePair]:
@@ -206,7 +216,7 @@ def compare_pairs(models: dict[str, ModelEntry]) -> list[ComparePair]:
     return pairs
 
 
-def _default_model(models_root: str | Path, models: dict[str, ModelEntry]) -> str:
+def _default_model(models_root: ModelRoots, models: dict[str, ModelEntry]) -> str:
     """The repository's ``DEFAULT`` model (or ``$DASS_MODEL``) when it is listed, else the first by name."""
     try:
         name = default_model_dir(models_root).name
@@ -328,7 +338,7 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3].astype(np.uint8, copy=False))
 
 
-def build_demo(models_root: str | Path = "models") -> gr.Blocks:
+def build_demo(models_root: ModelRoots = None) -> gr.Blocks:
     """The whole page; tests launch it with :func:`launch` on a free port."""
     models = discover_models(models_root)
     pairs = compare_pairs(models)
@@ -573,7 +583,7 @@ def _segment_video(seg: Segmenter, src: Path, dst: Path, alpha: float) -> tuple[
 
 def launch(
     demo: gr.Blocks,
-    models_root: str | Path,
+    models_root: ModelRoots,
     host: str = "127.0.0.1",
     port: int = 7860,
     share: bool = False,
@@ -589,7 +599,7 @@ def launch(
         share=share,
         prevent_thread_lock=not block,
         max_file_size=MAX_FILE_SIZE,
-        allowed_paths=[str(EXAMPLES_DIR), str(Path(models_root).resolve())],
+        allowed_paths=[str(EXAMPLES_DIR), *(str(root.resolve()) for root in _as_list(models_root))],
         show_error=False,
         quiet=not block,
         theme=gr.themes.Soft(primary_hue="indigo"),
@@ -623,16 +633,13 @@ def launch(
 @click.option("--share", is_flag=True, help="Also open a public gradio.live link.")
 @click.option(
     "--models",
-    default="models/",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Model repository (folders written by dass-export); broken folders are skipped with a warning.",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Model repository (folders written by dass-export) to show instead of the default ones: ./models (or "
+    "$DASS_MODELS) and the bundled models. Broken folders are skipped with a warning.",
 )
-def demo_command(host: str, port: int, share: bool, models: str) -> None:
+def demo_command(host: str, port: int, share: bool, models: Path | None) -> None:
     """Serve the web demo: segment street scenes with exported BiDA models, on CPU, in a browser."""
-    models_root = Path(models)
-    if not models_root.is_dir() and models == "models/" and REPO_MODELS.is_dir():
-        models_root = REPO_MODELS  # run from elsewhere: fall back to the repository's shipped models
+    models_root = models if models is not None else model_roots()
     try:
         demo = build_demo(models_root)
     except DeployError as exc:

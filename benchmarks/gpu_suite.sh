@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # One command for every GPU claim, on one CUDA GPU in at most ~8 minutes; results in benchmarks/results/gpu/:
-#   1. the machine (CPU, ISA, versions; nvidia-smi)                          -> machine.json, nvidia-smi.txt
+#   0. the wheels in .whl/ (`make gpu-wheels`, benchmarks/gpu/requirements.txt), installed with --no-index
+#   1. the machine (CPU, ISA, versions; nvidia-smi) and the GPU runtimes there -> machine.json, nvidia-smi.txt,
+#      runtimes.json (TensorRT and ONNX Runtime CUDA are recorded as unavailable where missing, not failed)
 #   2. CPU side: synthetic data in the GTA5 (1914x1052) / Cityscapes (2048x1024) layouts, a random ResNet-101
 #      checkpoint, its ONNX export at 1024x2048                              -> prepare.json (in the work folder)
 #   3. the CUDA tests (pytest -k 'cuda or gpu or trt or tensorrt')           -> cuda_tests.txt
 #   4. gta2city training steps (ResNet-101, 730x730, batch 4+4, adapt stage) for run.amp=off / bf16 / fp16, through
 #      the real CLI: it/s, hours for 100k iterations (goal <= 3 h), peak CUDA memory -> train_speed.{md,json}
-#   5. TensorRT fp16 / INT8 engines at 1024x2048 vs ONNX Runtime CUDA vs torch, label agreement with torch
-#      (goal TensorRT fp16 >= 60 FPS)                                        -> trt_cuda.{md,json}
-# Without a CUDA GPU it runs 1-2, says so and exits 0. Nothing is downloaded: it uses what is installed, plus any
-# wheels in .whl/ (installed with --no-index). Each step has a time limit; a step that fails or times out is
+#   5. inference at 1024x2048: torch eager fp32 / fp16 / bf16 and torch.compile fp32 / fp16 with peak memory, and
+#      TensorRT fp16 / INT8 and ONNX Runtime CUDA where installed; label agreement with torch fp32
+#                                                                            -> gpu_inference.{md,json}
+# Without a CUDA GPU it runs 0-2, checks that the test suite collects here, says so and exits 0. Nothing is
+# downloaded: the GPU machine has no network. Each step has a time limit; a step that fails or times out is
 # recorded in summary.md and the others still run (exit status 1 then).
 #
 # Environment (defaults are the real claim; tests use small values):
@@ -18,6 +21,7 @@
 #   GPU_SUITE_SOURCE_SIZE (1914x1052, WxH)           GPU_SUITE_TARGET_SIZE (2048x1024, WxH)
 #   GPU_SUITE_EXPORT_SIZE (1024x2048, HxW)           GPU_SUITE_BACKBONE (resnet101)
 #   GPU_SUITE_AMP (off,bf16,fp16)                    GPU_SUITE_ITERS (5,25: the two run lengths whose difference is timed)
+#   GPU_SUITE_WHEELS (.whl: the wheels `make gpu-wheels` downloads)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,39 +69,52 @@ step() {
   return $rc
 }
 
-# 0. Local wheels only: the GPU machine is assumed to have no network.
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --find-links .whl .whl/*.whl || say "local wheels in .whl/ did not all install"
+# 0. Local wheels only: the GPU machine has no network.
+WHL=${GPU_SUITE_WHEELS:-.whl}
+if compgen -G "$WHL/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --find-links "$WHL" -r benchmarks/gpu/requirements.txt \
+    && say "installed the wheels of $WHL (benchmarks/gpu/requirements.txt)" \
+    || say "the wheels in $WHL did not all install (make gpu-wheels GPU_PYTHON=<the machine's Python>)"
 fi
 
-# 1. The machine.
+# 1. The machine, and which GPU runtimes it has.
 "$PY" -c "import json, sys; sys.path.insert(0, '.'); from dass_deploy.machine import describe_machine; print(json.dumps(describe_machine(), indent=1))" > "$OUT/machine.json"
 if command -v nvidia-smi > /dev/null 2>&1; then nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true; fi
+if "$PY" benchmarks/gpu/bench_inference.py --probe > "$OUT/runtimes.json" 2> "$WORK/probe.log"; then
+  "$PY" -c "import json, sys; [print(f'{k}: {v}') for k, v in json.load(open(sys.argv[1])).items()]" "$OUT/runtimes.json" \
+    | while read -r line; do say "$line"; done
+else
+  say "runtime probe FAILED: $(tail -n 1 "$WORK/probe.log")"; STATUS=1
+fi
 
 # 2. CPU side.
 step "prepare (data, checkpoint, ONNX export)" 150 "$PY" benchmarks/gpu/prepare.py --work "$WORK" \
   --source-size "$SOURCE_SIZE" --target-size "$TARGET_SIZE" --images "$IMAGES" --export-size "$EXPORT_SIZE" \
   --backbone "$BACKBONE" > "$WORK/prepare.log" 2>&1 || { cat "$WORK/prepare.log" >&2; exit 1; }
 
+# The suite's own tests (tests/test_gpu_suite.py) build venvs with a package index: not here.
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider --ignore tests/test_gpu_suite.py -k "cuda or gpu or trt or tensorrt" tests)
+
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2> /dev/null; then
+  step "test collection" 120 "${PYTEST[@]}" --collect-only > "$WORK/collect.txt" 2>&1 || tail -n 20 "$WORK/collect.txt" >&2
   say "no CUDA GPU here (torch.cuda.is_available() is False): ran the CPU-side preparation only; GPU figures not measured"
   echo "gpu_suite: no CUDA GPU; CPU-side preparation done in $(( $(date +%s) - START )) s" >&2
-  exit 0
+  exit $STATUS
 fi
 
 # 3. CUDA tests.
-step "CUDA tests" 60 "$PY" -m pytest -q -x -k "cuda or gpu or trt or tensorrt" tests > "$OUT/cuda_tests.txt" 2>&1
+step "CUDA tests" 90 "${PYTEST[@]}" -x > "$OUT/cuda_tests.txt" 2>&1
 
 # 4. Training speed.
 step "gta2city training speed" 180 "$PY" benchmarks/gpu/train_speed.py --work "$WORK" --out "$OUT" --amp "$AMP" \
   --iters-short "${ITERS%,*}" --iters-long "${ITERS#*,}" --timeout 80 > "$WORK/train_speed.log" 2>&1
 
-# 5. TensorRT.
-step "TensorRT vs ONNX Runtime CUDA vs torch" 150 "$PY" benchmarks/gpu/bench_trt.py --work "$WORK" --out "$OUT" \
-  > "$WORK/bench_trt.log" 2>&1
+# 5. Inference: torch eager and torch.compile always; TensorRT and ONNX Runtime CUDA where installed.
+step "inference (torch eager, torch.compile; TensorRT, ONNX Runtime CUDA if installed)" 300 \
+  "$PY" benchmarks/gpu/bench_inference.py --work "$WORK" --out "$OUT" > "$WORK/bench_inference.log" 2>&1
 
 say "total $(( $(date +%s) - START )) s"
-for f in train_speed.md trt_cuda.md; do
+for f in train_speed.md gpu_inference.md; do
   if [ -f "$OUT/$f" ]; then { echo; cat "$OUT/$f"; } >> "$SUMMARY"; fi
 done
 exit $STATUS

@@ -1,4 +1,4 @@
-"""Wall time of ``make demo`` from a fresh clone (venv and install included), the README's timing table.
+"""Wall time of ``make demo`` from a fresh clone (venv and install included), the timing table of docs/SPEED.md.
 
     python benchmarks/time_demo.py                   # this machine as it is
     python benchmarks/time_demo.py --isa-cap AVX2    # oneDNN + ATen capped to AVX2: an AVX2-only *emulation*

@@ -28,9 +28,11 @@ from dass_deploy.cli_common import (
     adapt_frames_value,
     fail,
     finish,
+    require_extra,
     run_command,
 )
 from dass_deploy.errors import DeployError
+from dass_train.extras import MISSING_EXTRA_EXIT, missing_extra
 
 if TYPE_CHECKING:
     from dass_deploy.adapt_frames import AdaptFrames
@@ -39,11 +41,21 @@ if TYPE_CHECKING:
 CITYSCAPES_NAME = re.compile(r"([A-Za-z]+_\d{6}_\d{6})")
 RUNS_DIR = Path("runs/segment")
 
-EPILOG = "Exit status: 0 ok, 1 some inputs failed, 2 usage or setup error, 130 Ctrl-C, 143 SIGTERM."
+EPILOG = (
+    "Exit status: 0 ok, 1 some inputs failed (or the extra a runtime needs is not installed), 2 usage or setup "
+    "error, 130 Ctrl-C, 143 SIGTERM."
+)
+#: --backend -> the extra that brings its runtime (ONNX Runtime comes with the base install).
+BACKEND_EXTRAS = {"torch": "train", "openvino": "openvino", "tensorrt": "gpu"}
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:
-    """``dass-export`` lives in ``dass_deploy.cli_export``; imported lazily so ``dass-segment`` never loads torch."""
+    """``dass-export`` lives in ``dass_deploy.cli_export``; imported lazily so ``dass-segment`` never loads torch.
+    Without the ``train`` extra (torch, onnx) it prints the one line naming it and returns 1."""
+    message = missing_extra("dass-export", "train")
+    if message:
+        click.echo(message, err=True)
+        return MISSING_EXTRA_EXIT
     from dass_deploy.cli_export import export_main as main
 
     return main(argv)
@@ -68,6 +80,18 @@ def _sizes_option(ctx: click.Context, param: click.Parameter, value: str | None)
     return value
 
 
+def _model_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    """``--model NAME|DIR``: a folder as given, else a model name looked up in the user's and the bundled models."""
+    from dass_deploy.repository import find_model
+
+    if value is None:
+        return None
+    try:
+        return find_model(value)
+    except DeployError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _save_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
     from dass_deploy.sinks import parse_save
 
@@ -86,8 +110,10 @@ def _save_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.argument("sources", nargs=-1, metavar="[SOURCE]...")
 @click.option(
     "--model",
-    type=click.Path(exists=True, file_okay=False),
-    help="Exported model folder models/<name> (default: models/DEFAULT or $DASS_MODEL).",
+    callback=_model_option,
+    metavar="NAME|DIR",
+    help="Exported model: a folder, or the name of one in ./models ($DASS_MODELS if set), then in the bundled models "
+    "(default: $DASS_MODEL, else the model named by DEFAULT there).",
 )
 @click.option(
     "--checkpoint",
@@ -209,6 +235,10 @@ def segment(ctx: click.Context, **params: object) -> None:
             "--adapt-bn with an exported model re-estimates and runs it with ONNX Runtime: use --backend onnxruntime "
             "(or --checkpoint CKPT for PyTorch)"
         )
+    if args.checkpoint:
+        require_extra("dass-segment --checkpoint", "train")
+    elif args.backend in BACKEND_EXTRAS:
+        require_extra(f"dass-segment --backend {args.backend}", BACKEND_EXTRAS[args.backend])
     from dass_train.errors import UserError  # torch-free
 
     with Signals() as signals:

@@ -1,7 +1,8 @@
 """What the three click commands (``dass-segment``, ``dass-export``, ``dass-demo``) share: exit codes, the
 argparse-style ``*_main(argv)`` contract, and SIGTERM handled like Ctrl-C.
 
-Exit codes: 0 ok, 1 some inputs failed, 2 usage or setup error, 130 Ctrl-C, 143 SIGTERM.
+Exit codes: 0 ok, 1 some inputs failed or a needed extra is not installed, 2 usage or setup error, 130 Ctrl-C,
+143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import NoReturn
 import rich_click as click
 
 from dass_deploy.adapt_frames import DEFAULT_ADAPT_FRAMES, MIN_ADAPT_FRAMES
+from dass_train.extras import MISSING_EXTRA_EXIT, missing_extra
 
 OK, SOME_FAILED, USAGE, INTERRUPTED, TERMINATED = 0, 1, 2, 130, 143
 
@@ -36,6 +38,15 @@ def fail(message: str) -> NoReturn:
     """A setup error: one line on stderr, exit 2."""
     click.echo(f"error: {message}", err=True)
     raise Finished(USAGE)
+
+
+def require_extra(command: str, extra: str) -> None:
+    """A run that needs an extra which is not installed: the one line naming it (``pip install 'dass[...]'``), exit
+    1, before anything is loaded or written."""
+    message = missing_extra(command, extra)
+    if message:
+        click.echo(message, err=True)
+        raise Finished(MISSING_EXTRA_EXIT)
 
 
 def run_command(command: click.Command, argv: Sequence[str] | None, prog_name: str) -> int:

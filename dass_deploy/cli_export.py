@@ -13,7 +13,7 @@ import rich_click as click
 
 from dass_deploy.cli_common import OK, Signals, adapt_frames_option, adapt_frames_value, fail, finish, run_command
 from dass_deploy.errors import DeployError
-from dass_deploy.repository import check_model_name
+from dass_deploy.repository import check_model_name, user_models_dir
 
 EPILOG = "Exit status: 0 ok, 2 usage or setup error (nothing written), 130 Ctrl-C, 143 SIGTERM."
 
@@ -41,8 +41,8 @@ def _name_option(ctx: click.Context, param: click.Parameter, value: str | None) 
 )
 @click.option(
     "--out",
-    default="models",
-    show_default=True,
+    default=lambda: str(user_models_dir()),
+    show_default="models, or $DASS_MODELS",
     type=click.Path(file_okay=False),
     help="Model repository folder.",
 )

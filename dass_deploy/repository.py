@@ -2,6 +2,16 @@
 
 Torch-free: the runtimes, the segmentation CLI and the demo read models through this module only. The layout
 follows the Triton Inference Server model repository, so an exported folder can be served by Triton as is.
+
+Where models are looked up (``model_roots``), in this order:
+
+1. the user's models folder: ``$DASS_MODELS`` if set, else ``./models`` (where ``dass-export`` writes);
+2. the bundled models: in an installed wheel, ``dass_deploy/bundled/`` (package data: ``models/DEFAULT`` and the
+   model it names, copied from the clone by the build, see pyproject.toml); in a clone or an editable install,
+   the clone's own ``models/``.
+
+The default model is ``$DASS_MODEL`` (a folder or a model name), else the model named by the ``DEFAULT`` file of the
+first of those folders that has one.
 """
 
 from __future__ import annotations
@@ -19,8 +29,13 @@ import numpy as np
 from dass_deploy.errors import DeployError
 from dass_deploy.meta_schema import validate_meta
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MODELS_DIR = REPO_ROOT / "models"
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+#: The models a wheel carries (package data; absent in a clone, whose models/ plays this part).
+BUNDLED_DIR = PACKAGE_DIR / "bundled"
+#: Environment variables: the user's models folder, and the default model (a folder or a name).
+MODELS_ENV, MODEL_ENV = "DASS_MODELS", "DASS_MODEL"
+DEFAULT_FILE = "DEFAULT"
 VERSION = "1"  # the one Triton model version we write
 ONNX_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
@@ -85,55 +100,103 @@ def load_model_dir(path: str | os.PathLike) -> ModelInfo:
     )
 
 
-def list_models(root: str | os.PathLike = MODELS_DIR) -> list[ModelInfo]:
-    """Every loadable model folder under ``root``, sorted by name.
+def user_models_dir() -> Path:
+    """The user's models folder: ``$DASS_MODELS`` if set, else ``./models`` (relative to the working folder)."""
+    return Path(os.environ.get(MODELS_ENV) or "models").expanduser()
+
+
+def bundled_models_dir() -> Path:
+    """The models that travel with the package: package data in an installed wheel, the clone's ``models/`` in a
+    clone or an editable install (the folder the wheel's copy is taken from)."""
+    return BUNDLED_DIR if BUNDLED_DIR.is_dir() else REPO_ROOT / "models"
+
+
+def model_roots() -> list[Path]:
+    """Where model names are looked up, in order: the user's models folder, then the bundled models (once, when
+    both are the same folder, as when a clone runs from its root)."""
+    roots: list[Path] = []
+    for root in (user_models_dir(), bundled_models_dir()):
+        if not any(_same_folder(root, seen) for seen in roots):
+            roots.append(root)
+    return roots
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _roots(roots: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path]:
+    if roots is None:
+        return model_roots()
+    if isinstance(roots, str | os.PathLike):
+        return [Path(roots)]
+    return [Path(root) for root in roots]
+
+
+def find_model(name_or_path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> Path:
+    """A model folder given as a path, or by name in ``roots`` (default ``model_roots()``), first match wins.
+
+    A one-line ``DeployError`` names the folders searched when neither is found."""
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    searched = _roots(roots)
+    if text and os.sep not in text and "/" not in text and not text.startswith("."):
+        for root in searched:
+            if (root / text).is_dir():
+                return root / text
+        where = " or ".join(str(root) for root in searched)
+        raise DeployError(f"model {text!r} not found: no such folder, and no model of that name in {where}")
+    raise DeployError(f"model folder not found: {path}")
+
+
+def list_models(roots: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> list[ModelInfo]:
+    """Every loadable model folder under ``roots`` (one folder, several, or ``model_roots()``), sorted by name; a
+    name found in several folders is taken from the first.
 
     A folder with a broken ``meta.json`` or no model file is skipped with a one-line warning on stderr, so one bad
     folder never keeps the demo (or a listing) from using the good ones; hidden folders (half-written exports) and
     folders without ``meta.json`` are skipped silently."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in sorted(root.iterdir()):
-        if child.is_dir() and not child.name.startswith(".") and (child / "meta.json").is_file():
-            try:
-                found.append(load_model_dir(child))
-            except DeployError as exc:
-                print(f"warning: skipped model folder {child.name}: {exc}", file=sys.stderr)
-    return found
+    found: dict[str, ModelInfo] = {}
+    for root in _roots(roots):
+        if not root.is_dir():
+            continue
+        for child in sorted(root.iterdir()):
+            if child.name in found or child.name.startswith(".") or not (child / "meta.json").is_file():
+                continue
+            if child.is_dir():
+                try:
+                    found[child.name] = load_model_dir(child)
+                except DeployError as exc:
+                    print(f"warning: skipped model folder {child.name}: {exc}", file=sys.stderr)
+    return [found[name] for name in sorted(found)]
 
 
-def default_model_dir(root: str | os.PathLike = MODELS_DIR) -> Path:
-    """``$DASS_MODEL`` if set, else ``<root>/<name>`` where ``name`` is the one line of ``<root>/DEFAULT``."""
-    env = os.environ.get("DASS_MODEL")
+def default_model_dir(roots: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> Path:
+    """``$DASS_MODEL`` if set (a folder, or a model name looked up in ``roots``), else the model named by the one
+    line of ``DEFAULT`` in the first of ``roots`` (one folder, several, or ``model_roots()``) that has that file;
+    the name is looked up in that folder first, then in the others."""
+    searched = _roots(roots)
+    env = os.environ.get(MODEL_ENV)
     if env:
-        return Path(env).expanduser()
-    root = Path(root)
-    default_file = root / "DEFAULT"
-    if not default_file.is_file():
-        raise DeployError(f"no default model: {default_file} not found (set DASS_MODEL or pass a model folder)")
-    name = default_file.read_text().strip()
-    if not name or "/" in name or name.startswith("."):
-        raise DeployError(f"{default_file}: expected one line with a model folder name, found {name!r}")
-    return root / name
-
-
-class ModelRepository:
-    """A folder of exported models (``models/``): list them, open one by name, find the default."""
-
-    def __init__(self, path: str | os.PathLike = MODELS_DIR) -> None:
-        self.path = Path(path)
-
-    def list(self) -> list[ModelInfo]:
-        return list_models(self.path)
-
-    def get(self, name: str) -> ModelInfo:
-        return load_model_dir(self.path / name)
-
-    def default(self) -> ModelInfo:
-        env = os.environ.get("DASS_MODEL")
-        return load_model_dir(Path(env) if env else default_model_dir(self.path))
+        return find_model(env, searched)
+    for root in searched:
+        default_file = root / DEFAULT_FILE
+        if not default_file.is_file():
+            continue
+        name = default_file.read_text().strip()
+        if not name or "/" in name or name.startswith("."):
+            raise DeployError(f"{default_file}: expected one line with a model folder name, found {name!r}")
+        for candidate in [root, *searched]:
+            if (candidate / name).is_dir():
+                return candidate / name
+        return root / name  # loading it names the missing folder
+    where = " or ".join(str(root / DEFAULT_FILE) for root in searched)
+    raise DeployError(f"no default model: {where} not found (set {MODEL_ENV} or pass a model folder)")
 
 
 def check_model_name(name: str) -> str:

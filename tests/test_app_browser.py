@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect
-from test_app import ROOT, make_models_root, running_demo
+
+expect = pytest.importorskip("playwright.sync_api", reason="pip install 'dass[test]'").expect
+from test_app import ROOT, make_models_root, running_demo  # noqa: E402
 
 SYNTHETIC = ROOT / "app" / "examples" / "synthetic_target_1.png"
 

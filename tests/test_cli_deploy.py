@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SAMPLES, subprocess_env
+from conftest import SAMPLES, stop_server, subprocess_env
 
 from dass_deploy.backends import BACKENDS
 from dass_deploy.cli import segment
@@ -184,12 +183,7 @@ def test_demo_starts_beside_a_broken_model_folder_flag_over_env(model_dir, tmp_p
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{env_port}/", timeout=2)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, stderr = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, stderr = proc.communicate()
+        _, stderr = stop_server(proc)
     warning = [line for line in stderr.splitlines() if line.startswith("warning: skipped model folder broken")]
     assert len(warning) == 1 and "input.height" in warning[0]
     assert "Traceback" not in stderr.split("warning: skipped")[0]

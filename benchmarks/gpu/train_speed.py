@@ -5,6 +5,7 @@ checkpoint ``prepare.py`` wrote, on its synthetic data at the real GTA5 / Citysc
 mode the stage runs twice, with ``--iters-short`` and ``--iters-long`` iterations; the step rate is the difference
 (long - short iterations) / (long - short seconds), so start-up, pseudo labels and validation cancel out. Peak
 memory is read from the stage's ``log.txt`` line ``peak CUDA memory: <N> MiB`` when the trainer writes one.
+TensorBoard logging is off: the GPU machine's image has no tensorboard, and the step rate does not need it.
 
     python benchmarks/gpu/train_speed.py --work runs/gpu_suite --out benchmarks/results/gpu [--amp off,bf16,fp16]
 """
@@ -32,6 +33,7 @@ def run_stage(work: Path, prep: dict, amp: str, iters: int, timeout: float) -> d
         "--init", prep["checkpoint"], f"run.out={work / 'runs'}", f"stages.adapt_iters={iters}",
         f"data.source_root={prep['source_root']}", f"data.target_root={prep['target_root']}", "model.init=null",
         f"run.amp={amp}", "run.val_every=0", "run.ckpt_every=0", "run.progress=false", "data.num_workers=4",
+        "run.tensorboard=false",  # a bare CUDA image has no tensorboard; the timing does not need its logs
     ]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
