@@ -106,7 +106,7 @@ class LossConfig:
     tau: float = 0.1
     detach_prototypes: bool = False
     # paper: entropy of softmax(logits); authors: of softmax(softmax(logits)) (their code, nearly flat; their weights
-    # 0.4 / 0.12 were tuned against it). See README "Differences from the authors' run".
+    # 0.4 / 0.12 were tuned against it). See docs/METHOD.md "Differences from the authors' run".
     entropy: str = "paper"  # paper | authors
 
 
