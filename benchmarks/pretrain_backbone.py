@@ -24,7 +24,6 @@ iteration on an idle 2-core machine, 4-5 s while shared).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import sys
@@ -57,19 +56,11 @@ def train(args: argparse.Namespace) -> Path:
     return run_dir / "source_only" / "last.pt"
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def ship(ckpt: Path, weights: Path, command: str, minutes: float | None) -> dict:
     """Write the backbone of ``ckpt`` as safetensors, and its card and record."""
     import torch
 
-    from dass_train.checkpoint import load_checkpoint, save_backbone_weights
+    from dass_train.checkpoint import file_sha256, load_checkpoint, save_backbone_weights
     from dass_train.config import config_from_dict
     from dass_train.data.domains import synthetic_settings
     from dass_train.engine import build_model
@@ -106,7 +97,7 @@ def ship(ckpt: Path, weights: Path, command: str, minutes: float | None) -> dict
         **info,
         "weights": str(weights.relative_to(REPO) if weights.is_relative_to(REPO) else weights),
         "bytes": weights.stat().st_size,
-        "sha256": sha256(weights),
+        "sha256": file_sha256(weights),
         "minutes": minutes,
         "pretext_val_iou": metrics.get("iou"),
         "machine": describe_machine(),

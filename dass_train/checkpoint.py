@@ -59,6 +59,7 @@ __all__ = [
     "checkpoint_meta_default",
     "default_class_names",
     "detect_layout",
+    "file_sha256",
     "load_checkpoint",
     "load_init_weights",
     "load_backbone_weights",
@@ -510,6 +511,17 @@ def load_init_weights(model: DeepLabV2, path: str | os.PathLike) -> list[str]:
     target.update({k: found[k] for k in backbone_keys})
     model.load_state_dict(target, strict=True)
     return report
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (model cards and meta.json record what they describe)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_backbone_weights(path: str | os.PathLike, model: DeepLabV2, info: Mapping[str, Any]) -> Path:

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import platform as _platform
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _versions() -> dict:
