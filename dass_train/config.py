@@ -37,7 +37,8 @@ class DataConfig:
     synthetic_style_shift: float = 0.6  # global domain-gap strength in [0, 1] (see SyntheticConfig.style_shift)
     synthetic_class_shift: float = 0.0  # road/pavement colour swap in [0, 1], off (see SyntheticConfig.class_shift)
     # synth2real: the benchmark's two domains; pretrain: the third, style-randomised domain the backbone of the
-    # paper-regime preset is pretrained on (the ImageNet / COCO analogue, see SyntheticConfig.style)
+    # paper-regime preset is pretrained on (the ImageNet / COCO analogue); newcamera: the target city through a camera
+    # no training sees (deployment's --adapt-bn benchmark). See SyntheticConfig.style.
     synthetic_style: str = "synth2real"
     # training transforms: resize shorter side, random scale, random crop (w, h), flip
     resize_short: int | None = 850
@@ -341,7 +342,7 @@ def build_config(preset: str, overrides: list[str] | None = None) -> Config:
 def validate(cfg: Config) -> None:
     choices = {
         "data.source": (cfg.data.source, ("gta5", "synthia", "synthetic")),
-        "data.synthetic_style": (cfg.data.synthetic_style, ("synth2real", "pretrain")),
+        "data.synthetic_style": (cfg.data.synthetic_style, ("synth2real", "pretrain", "newcamera")),
         "model.backbone": (cfg.model.backbone, ("resnet101", "resnet50", "resnet18")),
         "model.feature": (cfg.model.feature, ("aspp", "layer4")),
         "model.normalization": (cfg.model.normalization, ("caffe", "imagenet")),

@@ -226,3 +226,24 @@ def test_domains_differ_in_camera_object_scale_and_class_frequencies() -> None:
 def test_bad_settings_raise_user_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="too small"):
         S.generate(tmp_path, S.SyntheticConfig(width=16, height=8), progress=False)
+
+
+def test_new_camera_is_the_target_city_through_another_camera():
+    """The new-camera style (deployment's --adapt-bn benchmark): no bonnet in view, a wider lens and a higher
+    mount than the target camera, and a warmer, darker rendering of the same materials; deterministic."""
+    n = 16
+    scenes = {
+        d: [S.compose_scene(S.image_rng(2, "val", i, "newcamera"), 256, 128, d) for i in range(n)]
+        for d in ("target", "newcamera")
+    }
+    assert all(s.cam_height >= 1.7 for s in scenes["newcamera"]) and all(s.cam_height <= 1.4 for s in scenes["target"])
+    assert max(s.focal for s in scenes["newcamera"]) < min(s.focal for s in scenes["target"])
+    void_bottom = [float((s.labels[-3:] == 255).mean()) for s in scenes["newcamera"]]
+    assert max(void_bottom) < 0.5  # no bonnet (the target's covers the bottom rows)
+    target = np.stack([S.render_target(s, S.image_rng(2, "val", i)) for i, s in enumerate(scenes["newcamera"])])
+    new = np.stack([S.render_new_camera(s, S.image_rng(2, "val", i), 0.6) for i, s in enumerate(scenes["newcamera"])])
+    t_mean, n_mean = target.reshape(-1, 3).mean(0), new.reshape(-1, 3).mean(0)
+    assert n_mean.mean() < 0.9 * t_mean.mean()  # darker
+    assert n_mean[0] / n_mean[2] > 1.2 * t_mean[0] / t_mean[2]  # warmer (red over blue)
+    again = S.render_new_camera(scenes["newcamera"][0], S.image_rng(2, "val", 0), 0.6)
+    assert np.array_equal(again, new[0])
