@@ -54,8 +54,9 @@ from dass_deploy.export.precision import (
     require_quantiser,
 )
 from dass_deploy.export.tensorrt import build_trt_engine, require_tensorrt
-from dass_deploy.export.triton import _class_table, _sha256, _versions
+from dass_deploy.export.triton import _class_table, _versions
 from dass_deploy.repository import ONNX_FILE, PLAN_FILE, VERSION, check_model_name, write_triton_config
+from dass_train.checkpoint import file_sha256
 
 
 @dataclass
@@ -426,7 +427,7 @@ def _export_into(
         "normalization": normalization,
         "upsampling": {"mode": "bilinear", "align_corners": align_corners},
         "precision": precision,
-        "source_checkpoint": {"path": str(checkpoint), "sha256": _sha256(checkpoint)},
+        "source_checkpoint": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
         "backbone": ckpt_meta.get("backbone"),
         # what the demo needs to pair a source-only and an adapted model of the same benchmark
         "stage": ckpt_meta.get("stage"),
