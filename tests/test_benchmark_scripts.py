@@ -91,14 +91,14 @@ def test_proxy_regime_tiny_run(tmp_path):
 @pytest.mark.slow
 def test_synth_tables_tiny_run(tmp_path):
     out = tmp_path / "results"
-    args = ["--preset", "synth2real_paper", "--seeds", "0", "--parallel", "1", "--runs", str(tmp_path / "runs")]
+    args = ["--preset", "synth2real_paper", "--seeds", "0", "--parallel", "2", "--runs", str(tmp_path / "runs")]
     proc = run("benchmarks/synth_tables.py", *args, "--out", str(out), *tiny(tmp_path / "data"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads((out / "table3_paper_regime" / "seed0.json").read_text())
     assert record["adabn"] is None  # frozen BN: no target statistics, so no AdaBN row
     assert record[
         "command"
-    ] == "python benchmarks/synth_tables.py --preset synth2real_paper --seeds 0 --parallel 1 " + (
+    ] == "python benchmarks/synth_tables.py --preset synth2real_paper --seeds 0 --parallel 2 " + (
         " ".join(tiny(tmp_path / "data"))
     )
     assert len(record["rows"]) == 5 and set(record["table4"]) == {"static", "dyn_raw", "dyn_cal", "hybrid"}

@@ -91,8 +91,11 @@ def test_presets_lists_each_preset_with_the_first_comment_line():
     assert result.exit_code == 0
     lines = dict(line.split(None, 1) for line in result.output.splitlines())
     assert set(lines) == {
-        "gta2city", "gta2city_authors", "synthia2city", "synthia2city_authors", "synth2real", "synth2real_demo"
+        "gta2city", "gta2city_authors", "synthia2city", "synthia2city_authors", "synth2real", "synth2real_demo",
+        "synth2real_paper", "synth2real_pretrain",
     }  # fmt: skip
+    assert lines["synth2real_paper"].startswith("The synthetic benchmark in the paper's regime")
+    assert lines["synth2real_pretrain"].startswith("The pretext that makes the paper-regime backbone")
     assert lines["synth2real_demo"].startswith("What `make demo` trains: synth2real with a third of its training")
     assert lines["gta2city"].startswith("GTA5 -> Cityscapes")
     assert lines["synthia2city"].startswith("SYNTHIA-RAND-CITYSCAPES -> Cityscapes")
