@@ -41,7 +41,7 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -326,19 +326,21 @@ SCENE_PRIORS: dict[str, ScenePrior] = {
         building_height=(8.0, 32.0),
     ),
     # city: one car-mounted camera (low, narrower view, bonnet at the bottom), pedestrians, cyclists and trees
-    "target": ScenePrior(
-        horizon=(0.4, 0.47),
-        focal=(1.05, 1.3),
-        cam_height=(1.15, 1.4),
-        hood=(0.05, 0.09),
-        vehicle_p=0.45,
-        bus_p=0.04,
-        truck_p=0.05,
-        parking_p=0.65,
-        pedestrians=9,
-        tree_p=0.75,
-        rider_p=0.65,
-        building_height=(9.0, 22.0),
+    "target": (
+        TARGET_PRIOR := ScenePrior(
+            horizon=(0.4, 0.47),
+            focal=(1.05, 1.3),
+            cam_height=(1.15, 1.4),
+            hood=(0.05, 0.09),
+            vehicle_p=0.45,
+            bus_p=0.04,
+            truck_p=0.05,
+            parking_p=0.65,
+            pedestrians=9,
+            tree_p=0.75,
+            rider_p=0.65,
+            building_height=(9.0, 22.0),
+        )
     ),
     # the pretext world (ImageNet / COCO analogue): any camera, any street, between and beyond the two domains
     "pretrain": ScenePrior(
@@ -360,20 +362,7 @@ SCENE_PRIORS: dict[str, ScenePrior] = {
     # higher (1.7-2.2 m: a van or bus), a wider lens (0.8-0.95 x width: objects about 0.75x the target's size) and
     # no bonnet in view; the horizon moves accordingly. Chosen before anything was measured on it: a geometry
     # change that BN statistics can partly follow (object scale) next to one they cannot (viewpoint).
-    "newcamera": ScenePrior(
-        horizon=(0.36, 0.44),
-        focal=(0.8, 0.95),
-        cam_height=(1.7, 2.2),
-        hood=(0.0, 0.0),
-        vehicle_p=0.45,
-        bus_p=0.04,
-        truck_p=0.05,
-        parking_p=0.65,
-        pedestrians=9,
-        tree_p=0.75,
-        rider_p=0.65,
-        building_height=(9.0, 22.0),
-    ),
+    "newcamera": replace(TARGET_PRIOR, horizon=(0.36, 0.44), focal=(0.8, 0.95), cam_height=(1.7, 2.2), hood=(0.0, 0.0)),
 }
 STYLES = ("synth2real", "pretrain", "newcamera")
 
