@@ -27,7 +27,6 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,6 +44,9 @@ def train(args: argparse.Namespace) -> Path:
     runs = Path(args.runs)
     run_dir = runs / args.name
     summary = run_dir / "summary.json"
+    snapshot = run_dir / "source_only" / f"iter_{args.max_iters or 0:06d}.pt"
+    if args.max_iters and snapshot.is_file():  # a longer run already passed N: its kept snapshot is those weights
+        return snapshot
     if summary.is_file() and "source_only" in json.loads(summary.read_text())["stages"]:
         return run_dir / "source_only" / "last.pt"
     runs.mkdir(parents=True, exist_ok=True)
@@ -54,6 +56,18 @@ def train(args: argparse.Namespace) -> Path:
     stop = ["--max-iters", str(args.max_iters)] if args.max_iters else []
     run([PRESET, "--name", args.name, *resume, *stop, "--stage", "source_only", *common], runs / f"{args.name}.log")
     return run_dir / "source_only" / "last.pt"
+
+
+def minutes_to(ckpt: Path) -> float | None:
+    """Wall time from the start of its run to ``ckpt``: the stage's own record for a finished run's last.pt, file
+    times (config.yaml is written when the run starts) for a kept snapshot; None outside a run folder."""
+    summary = ckpt.parent.parent / "summary.json"
+    if ckpt.name == "last.pt" and summary.is_file():
+        minutes = json.loads(summary.read_text())["stages"].get("source_only", {}).get("minutes")
+        if minutes is not None:
+            return minutes
+    config = ckpt.parent.parent / "config.yaml"
+    return (ckpt.stat().st_mtime - config.stat().st_mtime) / 60 if config.is_file() else None
 
 
 def ship(ckpt: Path, weights: Path, command: str, minutes: float | None) -> dict:
@@ -168,18 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     words = sys.argv[1:] if argv is None else argv
     command = "python benchmarks/pretrain_backbone.py " + " ".join(shlex.quote(w) for w in words)
-    start = time.perf_counter()
     if args.from_checkpoint is not None:
         if not args.from_checkpoint.is_file():
             raise SystemExit(f"error: checkpoint not found: {args.from_checkpoint}")
         ckpt = args.from_checkpoint
-        config = ckpt.parent.parent / "config.yaml"  # written when the run started: wall time to this snapshot
-        minutes = (ckpt.stat().st_mtime - config.stat().st_mtime) / 60 if config.is_file() else None
     else:
         ckpt = train(args)
-        summary = json.loads((ckpt.parent.parent / "summary.json").read_text())
-        minutes = summary["stages"]["source_only"].get("minutes", (time.perf_counter() - start) / 60)
-    record = ship(ckpt, args.weights, command, minutes)
+    record = ship(ckpt, args.weights, command, minutes_to(ckpt))
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(record, indent=1) + "\n")
     print(args.weights.with_suffix(".md").read_text())
