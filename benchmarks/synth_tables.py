@@ -74,37 +74,59 @@ def final_metrics(stage_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- one seed
-def run_seed(seed: int, args: argparse.Namespace, command: str) -> dict:
-    folder = "tables" if args.preset == "synth2real" else f"tables-{args.preset.removeprefix('synth2real_')}"
-    runs = Path(args.runs or REPO / "runs") / f"{folder}-seed{seed}"
-    runs.mkdir(parents=True, exist_ok=True)
+def seed_runs(preset: str, seed: int, runs_root: str | None) -> Path:
+    """runs/tables[-<preset>]-seed<S>: one folder per preset and seed (other scripts reuse its checkpoints)."""
+    folder = "tables" if preset == "synth2real" else f"tables-{preset.removeprefix('synth2real_')}"
+    return Path(runs_root or REPO / "runs") / f"{folder}-seed{seed}"
+
+
+def seed_arguments(seed: int, runs: Path, overrides: list[str], parallel: int) -> list[str]:
+    """The overrides every run of a seed gets: its seed, folder and data; one thread each when runs share cores."""
     data = f"data.synthetic_root=data/synthetic-seed{seed}"  # one data folder per seed (overrides may move it)
-    common = [f"run.seed={seed}", f"run.out={runs}", "run.progress=false", "run.val_every=0", data, *args.overrides]
-    if args.parallel > 1:
-        common.append("run.threads=1")
+    common = [f"run.seed={seed}", f"run.out={runs}", "run.progress=false", "run.val_every=0", data, *overrides]
+    return [*common, "run.threads=1"] if parallel > 1 else common
+
+
+def synthesize(preset: str, seed: int, runs: Path, overrides: list[str]) -> None:
+    """Generate the seed's synthetic data (a no-op when it exists)."""
+    runs.mkdir(parents=True, exist_ok=True)
+    data = f"data.synthetic_root=data/synthetic-seed{seed}"
+    run(["synthesize", "--preset", preset, f"run.seed={seed}", data, *overrides], runs / "synthesize.log")
+
+
+def run_stage(preset: str, runs: Path, name: str, stage_name: str, common: list[str], extra: list[str]) -> Path:
+    """Run one stage of one seed into runs/<name>/<stage_name> unless its summary says it finished (resumable)."""
+    out = runs / name / stage_name
+    summary = runs / name / "summary.json"
+    finished = summary.is_file() and stage_name in json.loads(summary.read_text())["stages"]
+    if not finished:  # a rerun reuses finished stages
+        run(
+            [preset, "--name", name, "--exist-ok", "--stage", stage_name, *common, *extra],
+            runs / f"{name}-{stage_name}.log",
+        )
+    return out
+
+
+def row_arguments(row: int, init: Path) -> list[str]:
+    """The adapt stage of Table 3 row ``row`` (0 = L_base ... 4 = BiDA), from the source-only checkpoint ``init``."""
+    return [f"--init={init}", *ROWS[row][1]]
+
+
+def run_seed(seed: int, args: argparse.Namespace, command: str) -> dict:
+    runs = seed_runs(args.preset, seed, args.runs)
+    common = seed_arguments(seed, runs, args.overrides, args.parallel)
     start = time.perf_counter()
 
     def stage(name: str, stage_name: str, extra: list[str]) -> Path:
-        out = runs / name / stage_name
-        summary = runs / name / "summary.json"
-        finished = summary.is_file() and stage_name in json.loads(summary.read_text())["stages"]
-        if not finished:  # a rerun reuses finished stages
-            run(
-                [args.preset, "--name", name, "--exist-ok", "--stage", stage_name, *common, *extra],
-                runs / f"{name}-{stage_name}.log",
-            )
-        return out
+        return run_stage(args.preset, runs, name, stage_name, common, extra)
 
-    # the synthetic data is generated once, before parallel runs could race on it
-    run(["synthesize", "--preset", args.preset, f"run.seed={seed}", data, *args.overrides], runs / "synthesize.log")
+    synthesize(args.preset, seed, runs, args.overrides)  # once, before parallel runs could race on it
     with ThreadPoolExecutor(args.parallel) as pool:
         src_future = pool.submit(stage, "source_only", "source_only", [])
         oracle_future = pool.submit(stage, "oracle", "oracle", [])
         src_dir = src_future.result()
         init = src_dir / "last.pt"
-        row_futures = [
-            pool.submit(stage, f"row{i}", "adapt", [f"--init={init}", *over]) for i, (_, over) in enumerate(ROWS)
-        ]
+        row_futures = [pool.submit(stage, f"row{i}", "adapt", row_arguments(i, init)) for i in range(len(ROWS))]
         oracle_dir = oracle_future.result()
         row_dirs = [f.result() for f in row_futures]
 

@@ -26,7 +26,7 @@ def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 def test_every_script_is_covered():
     names = {p.name for p in SCRIPTS}
-    assert {"proxy_regime.py", "synth_tables.py", "pretrain_backbone.py", "time_demo.py"} <= names
+    assert {"proxy_regime.py", "synth_tables.py", "pretrain_backbone.py", "time_demo.py", "adapt_bn.py"} <= names
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO / "benchmarks")))
@@ -111,6 +111,40 @@ def test_synth_tables_tiny_run(tmp_path):
     md = (out / "table3_paper_regime.md").read_text()
     assert "n/a (one seed)" in md and "AdaBN" not in md
     assert len(list((out / "table3_paper_regime").glob("diagnostics_row*.png"))) == 5
+
+
+@pytest.mark.slow
+def test_adapt_bn_tiny_run(tmp_path):
+    """The new-camera benchmark end to end: it trains the two missing checkpoints with synth_tables' stages (a
+    trainable-BN source-only model, a frozen-BN BiDA model), makes the new camera, adapts each with N frames through
+    the CLI's own functions and scores both domains before and after."""
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    args = ["--seeds", "0", "--models", "source-only,paper-bida", "--frames", "16", "--newcamera-counts", "0,16,3"]
+    places = ["--newcamera", str(tmp_path / "cameras"), "--runs", str(runs), "--out", str(out), "--threads", "1"]
+    proc = run("benchmarks/adapt_bn.py", *args, *places, *tiny(tmp_path / "data"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (runs / "tables-seed0" / "source_only" / "source_only" / "last.pt").is_file()
+    assert (runs / "tables-paper-seed0" / "row4" / "adapt" / "last.pt").is_file()
+    assert not (runs / "tables-seed0" / "row4").exists()  # only what --models asks for is trained
+    assert len(list((tmp_path / "cameras" / "newcamera-seed500").rglob("*_leftImg8bit.png"))) == 19
+    record = json.loads((out / "adapt_bn" / "seed0.json").read_text())
+    assert record["command"] == "python benchmarks/adapt_bn.py " + " ".join([*args, *tiny(tmp_path / "data")])
+    models = {m["model"]: m for m in record["models"]}
+    assert models["source-only"]["bn"] == "trainable" and models["paper-bida"]["bn"] == "frozen"
+    for m in models.values():
+        assert 0.0 <= m["before"]["newcamera"] <= 1.0 and 0.0 <= m["before"]["target"] <= 1.0
+        (adapted,) = m["adapted"]
+        assert adapted["frames"] == 16 and adapted["seconds"] > 0 and 0.0 <= adapted["newcamera"] <= 1.0
+        assert adapted["shift"]["mean_shift_sd"]["median"] > 0  # the statistics did move
+        assert m["batches_of_8"]["frames"] == 16
+    summary = json.loads((out / "adapt_bn.json").read_text())
+    assert summary["seeds"] == [0] and [m["model"] for m in summary["models"]] == ["source-only", "paper-bida"]
+    gain = summary["models"][0]["adapted"][0]["newcamera_gain"]
+    assert gain["n"] == 1 and gain["ci95"] is None  # one seed: no interval
+    md = (out / "adapt_bn.md").read_text()
+    assert "N = 16" in md and "python benchmarks/adapt_bn.py --seeds 0" in md and "(one seed)" in md
+    rerun = run("benchmarks/adapt_bn.py", *args, *places, *tiny(tmp_path / "data"))
+    assert rerun.returncode == 0 and "seed 0: done" in rerun.stdout  # resumable: a finished seed is skipped
 
 
 def test_synth_tables_summary_of_the_committed_seeds(tmp_path):
