@@ -146,6 +146,19 @@ def test_adapt_bn_tiny_run(tmp_path):
     rerun = run("benchmarks/adapt_bn.py", *args, *places, *tiny(tmp_path / "data"))
     assert rerun.returncode == 0 and "seed 0: done" in rerun.stdout  # resumable: a finished seed is skipped
 
+    # item 3 on the same tiny model: folded and kept exports timed, the torch-free adaptation against PyTorch's
+    ckpt = runs / "tables-paper-seed0" / "row4" / "adapt" / "last.pt"
+    frames = tmp_path / "cameras" / "newcamera-seed500" / "cityscapes" / "leftImg8bit" / "train"
+    words = ["--checkpoint", str(ckpt), "--frames", str(frames), "--counts", "16", "--sizes", "64x128"]
+    proc = run("benchmarks/keep_bn.py", *words, "--size", "64x128", "--repeats", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    keep = json.loads((out / "keep_bn.json").read_text())
+    timed = {(r["export"], r["runtime"]) for r in keep["latency"] if r.get("p50_ms", 0) > 0}
+    assert {("folded", "onnxruntime"), ("kept", "onnxruntime")} <= timed
+    (adapted,) = keep["adaptation"]
+    assert adapted["same_frames"] and adapted["label_agreement"] > 0.99 and adapted["onnxruntime_s"] > 0
+    assert "kept / folded" in (out / "keep_bn.md").read_text()
+
 
 def test_synth_tables_summary_of_the_committed_seeds(tmp_path):
     """The summary over the three committed synth2real seeds: every row paired with the one before and with L_base,
