@@ -15,6 +15,30 @@ SAMPLES = Path(os.environ.get("DASS_SAMPLES", REPO / "tests" / "data" / "citysca
 EXPORT_SIZE = (128, 256)
 
 
+def tiny_overrides(root: Path, counts: tuple[int, int, int], out: Path, **values: object) -> list[str]:
+    """Overrides for a seconds-long run on a tiny synthetic benchmark at ``root`` (128x64 images, ``counts`` source /
+    target-train / target-val) into ``out``; ``values`` add or replace entries (``stages__adapt_iters=6``)."""
+    base: dict[str, object] = {
+        "data.synthetic_root": root,
+        "data.synthetic_size": "128,64",
+        "data.synthetic_counts": ",".join(map(str, counts)),
+        "data.resize_short": 64,
+        "data.crop": "64,64",
+        "data.eval_size": "128,64",
+        "data.num_workers": 0,
+        "stages.source_only_resize_short": 64,
+        "stages.source_only_crop": "64,64",
+        "optim.batch_size": 2,
+        "run.out": out,
+        "run.val_every": 0,
+        "run.progress": "false",
+        "run.tensorboard": "false",
+        "run.threads": 1,
+    }
+    base.update({k.replace("__", "."): v for k, v in values.items()})
+    return [f"{k}={v}" for k, v in base.items()]
+
+
 def subprocess_env() -> dict[str, str]:
     """The repo importable in child processes, whether or not the package is installed."""
     env = dict(os.environ)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import tiny_overrides
 
 from dass_train.checkpoint import load_checkpoint
 from dass_train.cli import cli, main
@@ -33,27 +34,8 @@ def synth_root(tmp_path_factory) -> Path:
 
 
 def tiny(root: Path, out: Path, **extra: object) -> list[str]:
-    """Overrides for a seconds-long source-only run on the tiny benchmark above (as in test_trainer.py)."""
-    values = {
-        "data.synthetic_root": str(root),
-        "data.synthetic_size": "128,64",
-        "data.synthetic_counts": "4,2,2",
-        "data.resize_short": 64,
-        "data.crop": "64,64",
-        "data.eval_size": "128,64",
-        "data.num_workers": 0,
-        "stages.source_only_resize_short": 64,
-        "stages.source_only_crop": "64,64",
-        "stages.source_only_iters": 2,
-        "optim.batch_size": 2,
-        "run.out": str(out),
-        "run.val_every": 0,
-        "run.progress": "false",
-        "run.tensorboard": "false",
-        "run.threads": 1,
-    }
-    values.update({k.replace("__", "."): v for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in values.items()]
+    """Overrides for a seconds-long source-only run on the tiny benchmark above."""
+    return tiny_overrides(root, (4, 2, 2), out, **{"stages__source_only_iters": 2, **extra})
 
 
 def dass_train(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

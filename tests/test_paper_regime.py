@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from dass_train.checkpoint import load_backbone_weights, load_checkpoint, load_init_weights, save_backbone_weights
 from dass_train.cli import main as train_main
@@ -55,29 +56,9 @@ def init_file(tmp_path_factory) -> Path:
 
 
 def tiny(root: Path, out: Path, init: Path, *extra: str) -> list[str]:
-    values = {
-        "data.synthetic_root": root,
-        "data.synthetic_size": "128,64",
-        "data.synthetic_counts": "8,6,3",
-        "data.resize_short": 64,
-        "data.crop": "64,64",
-        "data.eval_size": "128,64",
-        "data.num_workers": 0,
-        "stages.source_only_resize_short": 64,
-        "stages.source_only_crop": "64,64",
-        "stages.source_only_iters": 3,
-        "stages.adapt_iters": 4,
-        "method.refresh_every": 2,  # a second round of static labels inside the stage
-        "optim.batch_size": 2,
-        "model.init": init,
-        "run.out": out,
-        "run.val_every": 2,
-        "run.log_every": 1,
-        "run.progress": "false",
-        "run.tensorboard": "false",
-        "run.threads": 1,
-    }
-    return [f"{k}={v}" for k, v in values.items()] + list(extra)
+    values = dict(stages__source_only_iters=3, stages__adapt_iters=4, run__val_every=2, run__log_every=1)
+    # method.refresh_every=2: a second round of static labels inside the stage
+    return [*tiny_overrides(root, (8, 6, 3), out, **values, method__refresh_every=2, model__init=init), *extra]
 
 
 def run_paper_stages(root: Path, out: Path, init: Path, *extra: str) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from dass_train.checkpoint import load_checkpoint
 from dass_train.cli import main as train_main
@@ -27,30 +28,8 @@ def synth_root(tmp_path_factory) -> Path:
 
 
 def tiny(root: Path, out: Path, **extra: object) -> list[str]:
-    values = {
-        "data.synthetic_root": str(root),
-        "data.synthetic_size": "128,64",
-        "data.synthetic_counts": "12,8,4",
-        "data.resize_short": 64,
-        "data.crop": "64,64",
-        "data.eval_size": "128,64",
-        "data.num_workers": 0,
-        "stages.source_only_resize_short": 64,
-        "stages.source_only_crop": "64,64",
-        "stages.source_only_iters": 4,
-        "stages.adapt_iters": 6,
-        "method.refresh_every": 4,
-        "optim.batch_size": 2,
-        "run.out": str(out),
-        "run.val_every": 0,
-        "run.ckpt_every": 1,
-        "run.log_every": 1,
-        "run.progress": "false",
-        "run.tensorboard": "false",
-        "run.threads": 1,
-    }
-    values.update({k.replace("__", "."): v for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in values.items()]
+    values: dict[str, object] = dict(stages__source_only_iters=4, stages__adapt_iters=6, method__refresh_every=4)
+    return tiny_overrides(root, (12, 8, 4), out, **{**values, "run__ckpt_every": 1, "run__log_every": 1, **extra})
 
 
 def history(ckpt: Path) -> list[dict]:
