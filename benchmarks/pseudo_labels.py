@@ -4,7 +4,8 @@
 
 The adapt stage writes each round of static (CBST) labels to <run>/pseudo/round_NN/. Against target-train ground
 truth that training never sees, this reports, per round and per class c: the share of the labelled pixels that
-are c (what the round trains on), the precision of the label c (labelled c and truly c, over labelled c), and its
+are c (what the round trains on), the precision of the label c (labelled c and truly c, over labelled c where the
+ground truth has a class: pixels the ground truth ignores, such as the bonnet, are left out as in mIoU), and its
 recall (truly c and labelled c, over truly c). Where self-training loses a class, these say whether its labels were
 wrong (low precision), missing (low recall or share), or crowded out by another class's wrong labels.
 
@@ -52,15 +53,17 @@ def class_quality(conf: list[list[int]], gt_pixels: list[int]) -> list[dict]:
 
     c = np.asarray(conf, dtype=np.float64)
     k = c.shape[1]
-    labelled = c.sum(0)  # per pseudo class
+    labelled = c.sum(0)  # per pseudo class, ignored ground truth included
+    judged = c[:k].sum(0)  # where the ground truth has a class
     total = labelled.sum()
     rows = []
     for j in range(k):
         rows.append(
             {
                 "share": float(labelled[j] / total) if total else 0.0,
-                "precision": float(c[j, j] / labelled[j]) if labelled[j] else None,
+                "precision": float(c[j, j] / judged[j]) if judged[j] else None,
                 "recall": float(c[j, j] / gt_pixels[j]) if gt_pixels[j] else None,
+                "on_ignored": float(c[k, j] / labelled[j]) if labelled[j] else None,
             }
         )
     return rows
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         f"    {result['command']}",
         "",
         f"{len(ds.names)} target-train images; ground truth is used only here. Share: of the labelled pixels; "
-        "precision: labelled c and truly c / labelled c; recall: labelled c and truly c / truly c (%).",
+        "precision: labelled c and truly c / labelled c (ignored ground truth left out); recall: labelled c and truly "
+        "c / truly c (%).",
         "",
         "| round | accuracy | density |",
         "|---|---:|---:|",

@@ -152,7 +152,12 @@ def run_seed(seed: int, args: argparse.Namespace, command: str) -> dict:
                 for (name, _), d in zip(ROWS, row_dirs, strict=True)
             },
         },
-        "minutes": (time.perf_counter() - start) / 60,
+        "minutes": (time.perf_counter() - start) / 60,  # this invocation (a resumed seed: only what was left)
+        "stage_minutes": {  # each run's own time, as its summary.json recorded it (whichever invocation ran it)
+            name: json.loads((d.parent / "summary.json").read_text())["stages"][d.name]["minutes"]
+            for name, d in [("source_only", src_dir), ("oracle", oracle_dir)]
+            + [(f"row{i}", d) for i, d in enumerate(row_dirs)]
+        },
     }
     return result
 

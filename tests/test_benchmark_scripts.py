@@ -102,6 +102,7 @@ def test_synth_tables_tiny_run(tmp_path):
         " ".join(tiny(tmp_path / "data"))
     )
     assert len(record["rows"]) == 5 and set(record["table4"]) == {"static", "dyn_raw", "dyn_cal", "hybrid"}
+    assert set(record["stage_minutes"]) == {"source_only", "oracle", *(f"row{i}" for i in range(5))}
     assert 0.0 <= record["static_labels"]["accuracy"] <= 1.0
     summary = json.loads((out / "table3_paper_regime.json").read_text())
     assert summary["seeds"] == [0] and summary["regime"]["adapt_start"] == "source-only"
