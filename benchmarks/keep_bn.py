@@ -37,6 +37,11 @@ DEFAULT_CHECKPOINT = "runs/tables-paper-seed0/row4/adapt/last.pt"
 DEFAULT_FRAMES = "data/newcamera-seed500/cityscapes/leftImg8bit/train"
 
 
+def _in_repo(path: str) -> Path:
+    """A relative path as given when it exists from here, else from the repository (the defaults are repo paths)."""
+    return Path(path) if Path(path).exists() or Path(path).is_absolute() else REPO / path
+
+
 def export(checkpoint: Path, out: Path, name: str, keep_bn: bool, size: tuple[int, int]) -> Path:
     from dass_deploy.cli_export import export_main
 
@@ -169,9 +174,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from dass_deploy.segmenter import parse_size
 
-    checkpoint = Path(args.checkpoint)
+    checkpoint = _in_repo(args.checkpoint)
     if not checkpoint.is_file():
         p.error(f"--checkpoint {checkpoint}: not found (python benchmarks/synth_tables.py makes it)")
+    frames = _in_repo(args.frames)
+    if not frames.exists():
+        p.error(f"--frames {frames}: not found (python benchmarks/adapt_bn.py makes the new camera's)")
     size = parse_size(args.size)
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     counts = [int(c) for c in args.counts.split(",")]
@@ -180,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         folded = export(checkpoint, Path(tmp), "folded", False, size)
         kept = export(checkpoint, Path(tmp), "kept", True, size)
         latency_rows = latency({"folded": folded, "kept": kept}, sizes, args.repeats, threads)
-        adapt_rows = adaptation(checkpoint, kept, args.frames, counts, size)
+        adapt_rows = adaptation(checkpoint, kept, str(frames), counts, size)
     words = ["--checkpoint", args.checkpoint, "--frames", args.frames, "--counts", args.counts]
     words += ["--sizes", args.sizes, "--size", args.size, "--repeats", str(args.repeats)]
     result = {
