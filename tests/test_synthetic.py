@@ -7,11 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import subprocess_env
 from PIL import Image
 
 from dass_train.data import synthetic as S
@@ -112,6 +116,26 @@ def test_ensure_dataset_reuses_and_regenerates(tmp_path: Path) -> None:
     (tmp_path / "real" / "gta5").mkdir(parents=True)
     with pytest.raises(DataError, match="synthetic.json"):
         S.ensure_dataset(tmp_path / "real", cfg, progress=False)
+
+
+def test_an_interrupted_generation_is_regenerated_not_refused(tmp_path: Path) -> None:
+    """A ``dass-train synthesize`` killed half-way leaves images but no synthetic.json; its marker says the folder is
+    the generator's own, so the next run regenerates it instead of refusing it as a possible real dataset."""
+    root = tmp_path / "synthetic"
+    cmd = [sys.executable, "-m", "dass_train", "synthesize", "--out", str(root), "--counts", "2000,0,0"]
+    proc = subprocess.Popen([*cmd, "--size", "128,64", "--no-progress"], env=subprocess_env())
+    images = root / "gta5" / "images"
+    deadline = time.monotonic() + 120
+    while len(list(images.glob("*.png"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    assert len(list(images.glob("*.png"))) >= 3 and not (root / "synthetic.json").exists()
+    assert (root / S.PARTIAL).is_file()
+    cfg = S.SyntheticConfig(width=128, height=64, n_source=2, n_target_train=1, n_target_val=1, seed=0)
+    S.ensure_dataset(root, cfg, progress=False)
+    assert sorted(p.name for p in images.iterdir()) == ["00001.png", "00002.png"]  # nothing of the killed run left
+    assert (root / "synthetic.json").is_file() and not (root / S.PARTIAL).exists()
 
 
 def test_class_coverage_and_plausible_layout() -> None:
