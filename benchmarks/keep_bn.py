@@ -6,8 +6,9 @@ does the torch-free ``--adapt-bn`` (ONNX Runtime + numpy) compare with the PyTor
 
 1. The checkpoint is exported twice, fp32 with dynamic height/width: BN folded into the convolutions (the default)
    and with its BatchNormalization nodes kept. ONNX Runtime and OpenVINO are expected to fold BN themselves when
-   they load a model; the latency of both exports is timed round-robin (one run of each per round, so a change of
-   load slows all alike) at each ``--sizes``, on every runtime installed here.
+   they load a model; the latency of both exports is timed in blocks of runs taken round-robin (so a change of load
+   slows all alike, and no runtime is timed while another's threads still spin) at each ``--sizes``, on every
+   runtime installed here.
 2. ``--adapt-bn`` on N = 16, 64, 256 frames of ``--frames``, both ways, through the CLI's own functions:
    ``adapt_torch_backend`` on the checkpoint (what ``dass-segment --checkpoint CKPT --adapt-bn`` does) and
    ``adapt_exported_model`` on the kept export (``dass-segment --model M --adapt-bn``, no PyTorch): wall seconds of
@@ -35,6 +36,7 @@ from dass_deploy.machine import describe_machine, machine_markdown  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_CHECKPOINT = "runs/tables-paper-seed0/row4/adapt/last.pt"
 DEFAULT_FRAMES = "data/newcamera-seed500/cityscapes/leftImg8bit/train"
+BLOCK = 6  # runs per timing block (see latency)
 
 
 def _in_repo(path: str) -> Path:
@@ -53,7 +55,7 @@ def export(checkpoint: Path, out: Path, name: str, keep_bn: bool, size: tuple[in
 
 
 def latency(models: dict[str, Path], sizes: list[tuple[int, int]], repeats: int, threads: int) -> list[dict]:
-    """p50 / p95 ms of each (export, runtime, size), timed round-robin after a warm-up."""
+    """p50 / p95 ms of each (export, runtime, size): blocks of runs, round-robin, after a warm-up."""
     import numpy as np
 
     from dass_deploy.backends import create_backend
@@ -74,11 +76,15 @@ def latency(models: dict[str, Path], sizes: list[tuple[int, int]], repeats: int,
                 row = {"export": export_name, "runtime": runtime, "size": f"{size[0]}x{size[1]}", "threads": threads}
                 rows.append(row)
                 entries.append((backend, x, row, []))
-    for _ in range(repeats):
+    # Blocks of BLOCK runs, the first of each untimed, the blocks round-robin: run-by-run alternation would time each
+    # runtime while the previous one's ONNX Runtime threads still spin (it slowed the next 128x256 run by ~60 %).
+    for _ in range(max(1, repeats // (BLOCK - 1))):
         for backend, x, _, times in entries:
-            start = time.perf_counter()
             backend.predict(x)
-            times.append((time.perf_counter() - start) * 1000)
+            for _ in range(BLOCK - 1):
+                start = time.perf_counter()
+                backend.predict(x)
+                times.append((time.perf_counter() - start) * 1000)
     for _, _, row, times in entries:
         row.update(p50_ms=float(np.percentile(times, 50)), p95_ms=float(np.percentile(times, 95)), repeats=repeats)
     return rows
@@ -130,7 +136,7 @@ def markdown(result: dict) -> str:
         "",
         f"Checkpoint `{result['checkpoint']}`, exported fp32 with dynamic height/width, BN folded and kept.",
         "",
-        "## Inference latency (ms, one image, timed round-robin)",
+        "## Inference latency (ms, one image; blocks of runs, round-robin)",
         "",
         "| runtime | size | folded p50 | kept p50 | kept / folded | folded p95 | kept p95 |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -166,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--counts", default="16,64,256", help="N for --adapt-bn (comma list)")
     p.add_argument("--sizes", default="128x256,512x1024", help="latency sizes HxW (comma list)")
     p.add_argument("--size", default="128x256", help="HxW the adaptation runs at (the export's own size)")
-    p.add_argument("--repeats", type=int, default=30, help="timed rounds")
+    p.add_argument("--repeats", type=int, default=30, help="timed runs per export, runtime and size")
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
