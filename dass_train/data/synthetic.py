@@ -1329,6 +1329,12 @@ def generate(root: str | Path, cfg: SyntheticConfig, progress: bool = True, work
     }
 
 
+def _remove_images(root: Path) -> None:
+    """Delete what ``generate`` wrote under ``root`` (its two dataset folders), before writing it again."""
+    for sub in ("gta5", "cityscapes"):
+        shutil.rmtree(root / sub, ignore_errors=True)
+
+
 def ensure_dataset(root: str | Path, cfg: SyntheticConfig, progress: bool = True, workers: int = 1) -> Path:
     """Reuse ``root`` if its ``synthetic.json`` records the same settings, otherwise (re)generate it.
 
@@ -1338,8 +1344,7 @@ def ensure_dataset(root: str | Path, cfg: SyntheticConfig, progress: bool = True
     root = Path(root)
     meta_path = root / "synthetic.json"
     if not meta_path.is_file() and (root / PARTIAL).is_file():
-        for sub in ("gta5", "cityscapes"):  # an interrupted generation: start it again
-            shutil.rmtree(root / sub, ignore_errors=True)
+        _remove_images(root)  # an interrupted generation: start it again
     if meta_path.is_file():
         try:
             old = json.loads(meta_path.read_text())
@@ -1348,8 +1353,7 @@ def ensure_dataset(root: str | Path, cfg: SyntheticConfig, progress: bool = True
         if all(old.get(k) == v for k, v in _settings(cfg).items()):
             return root
         meta_path.unlink()  # stale synthetic data: remove it so no image of the old settings survives
-        for sub in ("gta5", "cityscapes"):
-            shutil.rmtree(root / sub, ignore_errors=True)
+        _remove_images(root)
     elif (root / "gta5").exists() or (root / "cityscapes").exists():
         raise DataError(f"{root}: holds gta5/ or cityscapes/ data without synthetic.json; refusing to overwrite it")
     generate(root, cfg, progress=progress, workers=workers)
