@@ -45,11 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synth_tables import (  # noqa: E402  (one set of stages for both scripts; it puts the repo on sys.path)
     REPO,
     ROWS,
+    ci_text,
     paired_ci,
+    pm_text,
     row_arguments,
     run,
     run_stage,
     seed_arguments,
+    seed_data,
     seed_runs,
     synthesize,
 )
@@ -101,8 +104,9 @@ def make_newcamera(seed: int, args: argparse.Namespace, log_dir: Path) -> Path:
 def target_root(seed: int, overrides: list[str]) -> Path:
     """The seed's synthetic benchmark (whose target val is the old domain): where synth_tables puts it, unless an
     override moves it."""
-    moved = [o.split("=", 1)[1] for o in overrides if o.startswith("data.synthetic_root=")]
-    return Path(moved[-1]) if moved else REPO / "data" / f"synthetic-seed{seed}"
+    key = "data.synthetic_root="
+    moved = [o.removeprefix(key) for o in overrides if o.startswith(key)]
+    return Path(moved[-1]) if moved else REPO / seed_data(seed).removeprefix(key)
 
 
 def checkpoint_path(key: str, seed: int, runs_root: str | None) -> Path:
@@ -165,8 +169,6 @@ def batches_of_eight(backend, frames_spec: str, count: int) -> None:
 
 
 def measure_model(key: str, ckpt: Path, seed: int, newcam: Path, target: Path, counts: list[int]) -> dict:
-    import torch
-
     from dass_deploy.adapt_bn import adapt_torch_backend, bn_training
     from dass_deploy.adapt_frames import open_adapt_frames
     from dass_deploy.segmenter import Segmenter
@@ -205,8 +207,6 @@ def measure_model(key: str, ckpt: Path, seed: int, newcam: Path, target: Path, c
     network.load_state_dict(original)
     batches_of_eight(seg.backend, frames_spec, counts[-1])
     row["batches_of_8"] = {"frames": counts[-1], "newcamera": evaluate(seg, newcam)}
-    network.load_state_dict(original)
-    assert all(torch.equal(v, original[k]) for k, v in network.state_dict().items())
     return row
 
 
@@ -237,19 +237,13 @@ def run_seed(seed: int, keys: list[str], args: argparse.Namespace, command: str)
 
 
 # ---------------------------------------------------------------------------------------------------- summary
-def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
-    import numpy as np
-
-    v = np.asarray(values) * scale
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}" if len(v) > 1 else f"{v.mean():.{digits}f}"
-
-
 def _diff(p: dict) -> str:
+    """synth_tables' paired difference, with whether the adaptation helps or hurts where its interval excludes 0."""
+    text, _ = ci_text(p)
     if p["ci95"] is None:
-        return f"{p['mean'] * 100:+.2f} (one seed)"
+        return f"{text} (one seed)"
     lo, hi = p["ci95"]
-    verdict = "" if lo <= 0 <= hi else (" **helps**" if lo > 0 else " **hurts**")
-    return f"{p['mean'] * 100:+.2f} [{lo * 100:+.2f}, {hi * 100:+.2f}]{verdict}"
+    return text + ("" if lo <= 0 <= hi else (" **helps**" if lo > 0 else " **hurts**"))
 
 
 def summarize(out: Path) -> dict | None:
@@ -335,8 +329,8 @@ def markdown(summary: dict) -> str:
                 [
                     m["label"],
                     "/".join(m["bn"]),
-                    _pm(m["before"]["newcamera"]),
-                    *(_pm(a["newcamera"]) for a in m["adapted"]),
+                    pm_text(m["before"]["newcamera"]),
+                    *(pm_text(a["newcamera"]) for a in m["adapted"]),
                 ]
                 for m in models
             ],
@@ -352,8 +346,8 @@ def markdown(summary: dict) -> str:
             [
                 [
                     m["label"],
-                    _pm(m["before"]["target"]),
-                    *(f"{_pm(a['target'])} ({_diff(a['target_change'])})" for a in m["adapted"]),
+                    pm_text(m["before"]["target"]),
+                    *(f"{pm_text(a['target'])} ({_diff(a['target_change'])})" for a in m["adapted"]),
                 ]
                 for m in models
             ],
@@ -364,8 +358,8 @@ def markdown(summary: dict) -> str:
             [
                 [
                     m["label"],
-                    _pm(m["adapted"][-1]["newcamera"]),
-                    _pm(m["batches_of_8"]["newcamera"]),
+                    pm_text(m["adapted"][-1]["newcamera"]),
+                    pm_text(m["batches_of_8"]["newcamera"]),
                     _diff(m["batches_of_8"]["vs_one_frame_per_batch"]),
                 ]
                 for m in models
@@ -374,7 +368,7 @@ def markdown(summary: dict) -> str:
         *_table(
             "## Cost: seconds of the adaptation call on CPU (reading, resizing, one forward pass per frame)",
             per_n,
-            [[m["label"], *(_pm(a["seconds"], scale=1.0, digits=1) for a in m["adapted"])] for m in models],
+            [[m["label"], *(pm_text(a["seconds"], scale=1.0, digits=1) for a in m["adapted"])] for m in models],
         ),
         "",
         "Machines:",

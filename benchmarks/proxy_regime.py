@@ -40,7 +40,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synth_tables import run  # noqa: E402  (one subprocess runner for both scripts; it puts the repo on sys.path)
+from synth_tables import run, seed_data  # noqa: E402  (one subprocess runner for both scripts; it puts the repo on sys.path)
 
 from dass_deploy.machine import describe_machine, machine_markdown  # noqa: E402
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     name = run_name(args)
     runs = Path(args.runs) / name.replace("proxy_regime", "proxy", 1)
-    data = f"data.synthetic_root=data/synthetic-seed{args.seed}"  # as synth_tables.py: one data folder per seed
+    data = seed_data(args.seed)  # as synth_tables.py: one data folder per seed
     overrides = [f"run.seed={args.seed}", data, *args.overrides]
     try:
         cfg = build_config(args.preset, overrides)

@@ -8,6 +8,8 @@ are c (what the round trains on), the precision of the label c (labelled c and t
 ground truth has a class: pixels the ground truth ignores, such as the bonnet, are left out as in mIoU), and its
 recall (truly c and labelled c, over truly c). Where self-training loses a class, these say whether its labels were
 wrong (low precision), missing (low recall or share), or crowded out by another class's wrong labels.
+Each round's accuracy and density are computed as synth_tables.py's regime figures are (one function scores both):
+over the pixels where the ground truth has a class.
 
 Writes benchmarks/results/pseudo_labels-<name>.{json,md} (``--name``, default from the run folder).
 """
@@ -20,37 +22,22 @@ import shlex
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synth_tables import (  # noqa: E402  (the regime figures' own label scoring; it puts the repo on sys.path)
+    label_accuracy_density,
+    static_label_confusion,
+    target_train_labelled,
+)
 
 from dass_deploy.machine import describe_machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def round_confusion(round_dir: Path, dataset) -> list[list[int]]:
-    """``[K+1, K]`` counts: rows = ground truth (last row: ignored ground truth), columns = the pseudo label."""
-    import numpy as np
-    from PIL import Image
-
-    from dass_train.labels import IGNORE_INDEX, NUM_CLASSES
-    from dass_train.pseudo_labels import label_path
-
-    k = NUM_CLASSES
-    conf = np.zeros((k + 1, k), dtype=np.int64)
-    for i, name in enumerate(dataset.names):
-        pseudo = np.asarray(Image.open(label_path(round_dir, name))).astype(np.int64)
-        gt = np.asarray(dataset.load_label(i)).astype(np.int64)
-        gt = np.where(gt == IGNORE_INDEX, k, gt)
-        labelled = pseudo != IGNORE_INDEX
-        conf += np.bincount(gt[labelled] * k + pseudo[labelled], minlength=(k + 1) * k).reshape(k + 1, k)
-    return conf.tolist()
-
-
-def class_quality(conf: list[list[int]], gt_pixels: list[int]) -> list[dict]:
+def class_quality(conf: np.ndarray, gt_pixels: np.ndarray) -> list[dict]:
     """Share, precision and recall of each class's labels from a round's confusion (see the module docstring)."""
-    import numpy as np
-
     c = np.asarray(conf, dtype=np.float64)
     k = c.shape[1]
     labelled = c.sum(0)  # per pseudo class, ignored ground truth included
@@ -78,35 +65,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("overrides", nargs="*", help="config overrides (e.g. another data.synthetic_root)")
     args = p.parse_args(argv)
-    import numpy as np
-
-    from dass_train.config import build_config
-    from dass_train.data.domains import target_dataset
-    from dass_train.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+    from dass_train.labels import CLASS_NAMES
 
     adapt = Path(args.adapt_dir)
     rounds = sorted((adapt / "pseudo").glob("round_*"))
     if not rounds:
         p.error(f"{adapt}: no pseudo/round_NN folders (not an adapt stage folder)")
-    data = f"data.synthetic_root=data/synthetic-seed{args.seed}"
-    cfg = build_config(args.preset, [f"run.seed={args.seed}", data, *args.overrides])
-    ds = target_dataset(cfg, "train", None, with_labels=True, seed=args.seed + 1)
-    gt_pixels = np.zeros(NUM_CLASSES, dtype=np.int64)
-    for i in range(len(ds.names)):
-        gt = np.asarray(ds.load_label(i)).astype(np.int64)
-        gt_pixels += np.bincount(gt[gt != IGNORE_INDEX], minlength=NUM_CLASSES)[:NUM_CLASSES]
+    ds = target_train_labelled(args.preset, args.seed, args.overrides)
     per_round = []
     for round_dir in rounds:
-        conf = round_confusion(round_dir, ds)
-        c = np.asarray(conf)
-        labelled = c.sum()
+        conf, gt_pixels = static_label_confusion(round_dir, ds)
+        accuracy, density = label_accuracy_density(conf, gt_pixels)
         per_round.append(
             {
                 "round": round_dir.name,
-                "accuracy": float(np.trace(c[:NUM_CLASSES]) / max(c[:NUM_CLASSES].sum(), 1)),
-                "density": float(labelled / gt_pixels.sum()),
-                "classes": class_quality(conf, gt_pixels.tolist()),
-                "confusion": conf,
+                "accuracy": accuracy,
+                "density": density,
+                "classes": class_quality(conf, gt_pixels),
+                "confusion": conf.tolist(),
             }
         )
     name = args.name or "-".join(adapt.resolve().parts[-3:-1])
@@ -115,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/pseudo_labels.py " + " ".join(shlex.quote(w) for w in words),
         "machine": describe_machine(),
         "images": len(ds.names),
-        "gt_share": (gt_pixels / gt_pixels.sum()).tolist(),
+        "gt_share": (gt_pixels / gt_pixels.sum()).tolist(),  # the same in every round
         "rounds": per_round,
     }
     out = Path(args.out)

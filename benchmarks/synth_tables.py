@@ -37,6 +37,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(REPO))
@@ -80,18 +82,22 @@ def seed_runs(preset: str, seed: int, runs_root: str | None) -> Path:
     return Path(runs_root or REPO / "runs") / f"{folder}-seed{seed}"
 
 
+def seed_data(seed: int) -> str:
+    """The override that gives seed S its own synthetic data folder, data/synthetic-seed<S> (overrides may move it)."""
+    return f"data.synthetic_root=data/synthetic-seed{seed}"
+
+
 def seed_arguments(seed: int, runs: Path, overrides: list[str], parallel: int) -> list[str]:
     """The overrides every run of a seed gets: its seed, folder and data; one thread each when runs share cores."""
-    data = f"data.synthetic_root=data/synthetic-seed{seed}"  # one data folder per seed (overrides may move it)
-    common = [f"run.seed={seed}", f"run.out={runs}", "run.progress=false", "run.val_every=0", data, *overrides]
+    common = [f"run.seed={seed}", f"run.out={runs}", "run.progress=false", "run.val_every=0", seed_data(seed)]
+    common += overrides
     return [*common, "run.threads=1"] if parallel > 1 else common
 
 
 def synthesize(preset: str, seed: int, runs: Path, overrides: list[str]) -> None:
     """Generate the seed's synthetic data (a no-op when it exists)."""
     runs.mkdir(parents=True, exist_ok=True)
-    data = f"data.synthetic_root=data/synthetic-seed{seed}"
-    run(["synthesize", "--preset", preset, f"run.seed={seed}", data, *overrides], runs / "synthesize.log")
+    run(["synthesize", "--preset", preset, f"run.seed={seed}", seed_data(seed), *overrides], runs / "synthesize.log")
 
 
 def run_stage(preset: str, runs: Path, name: str, stage_name: str, common: list[str], extra: list[str]) -> Path:
@@ -182,31 +188,51 @@ def adabn_miou(ckpt: Path, seed: int, args: argparse.Namespace, runs: Path) -> f
     return float(line.split(": mIoU ")[1].split()[0]) / 100
 
 
+def target_train_labelled(preset: str, seed: int, overrides: list[str]):
+    """The seed's target-train split with its ground truth (which training never sees), in the order and with the
+    names the static-label pass wrote its labels under."""
+    from dass_train.config import build_config
+    from dass_train.data.domains import target_dataset
+
+    cfg = build_config(preset, [f"run.seed={seed}", seed_data(seed), *overrides])
+    return target_dataset(cfg, "train", None, with_labels=True, seed=seed + 1)
+
+
+def static_label_confusion(round_dir: Path, dataset) -> tuple[np.ndarray, np.ndarray]:
+    """One round of static labels against ground truth, at full label resolution: ``[K+1, K]`` counts of labelled
+    pixels (rows = ground truth, the last row where it is ignored; columns = the pseudo label) and ``[K]`` ground-truth
+    pixels per class."""
+    from PIL import Image
+
+    from dass_train.labels import IGNORE_INDEX, NUM_CLASSES
+    from dass_train.pseudo_labels import label_path
+
+    k = NUM_CLASSES
+    conf = np.zeros((k + 1, k), dtype=np.int64)
+    gt_pixels = np.zeros(k, dtype=np.int64)
+    for i, name in enumerate(dataset.names):
+        pseudo = np.asarray(Image.open(label_path(round_dir, name))).astype(np.int64)
+        gt = np.asarray(dataset.load_label(i)).astype(np.int64)
+        gt = np.where(gt == IGNORE_INDEX, k, gt)
+        gt_pixels += np.bincount(gt.ravel(), minlength=k + 1)[:k]
+        labelled = pseudo != IGNORE_INDEX
+        conf += np.bincount(gt[labelled] * k + pseudo[labelled], minlength=(k + 1) * k).reshape(k + 1, k)
+    return conf, gt_pixels
+
+
+def label_accuracy_density(conf: np.ndarray, gt_pixels: np.ndarray) -> tuple[float, float]:
+    """Accuracy (correct / labelled) and density (labelled / labelled-ground-truth pixels), both where the ground
+    truth has a class, from ``static_label_confusion``."""
+    judged = conf[: conf.shape[1]]
+    return float(np.trace(judged) / max(judged.sum(), 1)), float(judged.sum() / max(gt_pixels.sum(), 1))
+
+
 def static_label_regime(adapt_dir: Path, seed: int, args: argparse.Namespace) -> dict:
     """Accuracy / density of the round-0 static labels (what adaptation trains on first) against target-train
     ground truth, at full label resolution, over all target-train images."""
-    import numpy as np
-    from PIL import Image
-
-    from dass_train.config import build_config
-    from dass_train.data.domains import target_dataset
-    from dass_train.labels import IGNORE_INDEX
-    from dass_train.pseudo_labels import label_path
-
-    cfg = build_config(
-        args.preset, [f"run.seed={seed}", f"data.synthetic_root=data/synthetic-seed{seed}", *args.overrides]
-    )
-    ds = target_dataset(cfg, "train", None, with_labels=True, seed=seed + 1)
-    labelled = correct = valid = 0
-    for i, name in enumerate(ds.names):
-        pseudo = np.asarray(Image.open(label_path(adapt_dir / "pseudo" / "round_00", name)))
-        gt = np.asarray(ds.load_label(i))
-        ok = gt != IGNORE_INDEX
-        lab = ok & (pseudo != IGNORE_INDEX)
-        labelled += int(lab.sum())
-        correct += int((lab & (pseudo == gt)).sum())
-        valid += int(ok.sum())
-    return {"accuracy": correct / max(labelled, 1), "density": labelled / max(valid, 1), "images": len(ds.names)}
+    ds = target_train_labelled(args.preset, seed, args.overrides)
+    accuracy, density = label_accuracy_density(*static_label_confusion(adapt_dir / "pseudo" / "round_00", ds))
+    return {"accuracy": accuracy, "density": density, "images": len(ds.names)}
 
 
 def source_only_diagnostics(ckpt: Path) -> dict:
@@ -245,7 +271,7 @@ def _seeds(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return " / ".join(f"{scale * v:.{digits}f}" for v in values)
 
 
-def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+def pm_text(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     m, s = _mean_std(values)
     return "n/a" if math.isnan(m) else f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
 
@@ -261,7 +287,7 @@ def paired_ci(row: list[float], ref: list[float]) -> dict:
     return {"mean": m, "std": s, "ci95": [m - half, m + half], "n": n}
 
 
-def _ci_text(p: dict) -> tuple[str, str]:
+def ci_text(p: dict) -> tuple[str, str]:
     """'+1.23 [+0.40, +2.06]' and the verdict: counts only where the interval excludes 0."""
     if p["ci95"] is None:
         return f"{100 * p['mean']:+.2f}", "n/a (one seed)"
@@ -347,15 +373,15 @@ def summarize(out: Path, results_name: str = "table3_seeds") -> dict | None:
         "| figure | per seed | mean ± std | required |",
         "|---|---|---:|---:|",
         f"| static labels (round 0) accuracy, % | {_seeds(summary['static_labels']['accuracy'], 100, 1)} | "
-        f"{_pm(summary['static_labels']['accuracy'], digits=1)} | >= 90 |",
+        f"{pm_text(summary['static_labels']['accuracy'], digits=1)} | >= 90 |",
         f"| static labels (round 0) density, % | {_seeds(summary['static_labels']['density'], 100, 1)} | "
-        f"{_pm(summary['static_labels']['density'], digits=1)} | >= 15 |",
+        f"{pm_text(summary['static_labels']['density'], digits=1)} | >= 15 |",
         f"| source-only / oracle mIoU | {_seeds(summary['ratio_source_only_to_oracle'], 1, 2)} | "
-        f"{_pm(summary['ratio_source_only_to_oracle'], 1.0, 3)} | |",
+        f"{pm_text(summary['ratio_source_only_to_oracle'], 1.0, 3)} | |",
         f"| adaptation start ({start_name}) / oracle | {_seeds(regime['ratio_adapt_start_to_oracle'], 1, 2)} | "
-        f"{_pm(regime['ratio_adapt_start_to_oracle'], 1.0, 3)} | 0.45 - 0.70 |",
+        f"{pm_text(regime['ratio_adapt_start_to_oracle'], 1.0, 3)} | 0.45 - 0.70 |",
         f"| oracle - L_base, points | {_seeds(regime['oracle_minus_L_base'], 100, 2)} | "
-        f"{_pm(regime['oracle_minus_L_base'])} | >= 5 on average |",
+        f"{pm_text(regime['oracle_minus_L_base'])} | >= 5 on average |",
         f"| oracle above every adapted row | {' / '.join('yes' if v else '**no**' for v in regime['oracle_above_every_row'])}"
         " | | every seed |",
         "",
@@ -366,22 +392,22 @@ def summarize(out: Path, results_name: str = "table3_seeds") -> dict | None:
         "",
         "| model | per seed | mean ± std | vs previous row | counts? | vs L_base | counts? |",
         "|---|---|---:|---:|---|---:|---|",
-        f"| source-only | {_seeds(summary['source_only'])} | {_pm(summary['source_only'])} | | | | |",
-        f"| target-trained (oracle) | {_seeds(summary['oracle'])} | {_pm(summary['oracle'])} | | | | |",
+        f"| source-only | {_seeds(summary['source_only'])} | {pm_text(summary['source_only'])} | | | | |",
+        f"| target-trained (oracle) | {_seeds(summary['oracle'])} | {pm_text(summary['oracle'])} | | | | |",
     ]
     if trained_bn:
         lines.append(
             f"| source-only + target BN statistics (AdaBN, no training) | {_seeds(summary['adabn'])} | "
-            f"{_pm(summary['adabn'])} | | | | |"
+            f"{pm_text(summary['adabn'])} | | | | |"
         )
     by_pair = {(q["row"], q["vs"]): q for q in pairs}
     previous_name = start_name
     for row in summary["rows"]:
-        prev_diff, prev_verdict = _ci_text(by_pair[(row["row"], previous_name)])
+        prev_diff, prev_verdict = ci_text(by_pair[(row["row"], previous_name)])
         base = by_pair.get((row["row"], row_names[0])) if row["row"] != row_names[0] else None
-        base_diff, base_verdict = _ci_text(base) if base else ("", "")
+        base_diff, base_verdict = ci_text(base) if base else ("", "")
         lines.append(
-            f"| {row['row']} | {_seeds(row['miou'])} | {_pm(row['miou'])} | {prev_diff} | {prev_verdict} | "
+            f"| {row['row']} | {_seeds(row['miou'])} | {pm_text(row['miou'])} | {prev_diff} | {prev_verdict} | "
             f"{base_diff} | {base_verdict} |"
         )
         previous_name = row["row"]
@@ -416,7 +442,7 @@ def summarize(out: Path, results_name: str = "table3_seeds") -> dict | None:
     ]
     for key, label in names.items():
         t = summary["table4"][key]
-        lines.append(f"| {label} | {_pm(t['density'], digits=1)} | {_pm(t['accuracy'], digits=1)} |")
+        lines.append(f"| {label} | {pm_text(t['density'], digits=1)} | {pm_text(t['accuracy'], digits=1)} |")
     lines += [
         "",
         "Paper (GTA5 -> Cityscapes): 20.1 / 98.5, 22.2 / 98.6, 34.3 / 98.6, 42.3 / 98.8.",
@@ -431,7 +457,7 @@ def summarize(out: Path, results_name: str = "table3_seeds") -> dict | None:
         "|---|---:|---:|---:|---:|",
     ]
     for name, d in summary["diagnostics"].items():
-        lines.append(f"| {name} | " + " | ".join(_pm(d[m], 1.0, 3) for m in DIAG) + " |")
+        lines.append(f"| {name} | " + " | ".join(pm_text(d[m], 1.0, 3) for m in DIAG) + " |")
     lines.append("")
     (out / f"{results_name}.md").write_text("\n".join(lines))
     plot_diagnostics(seeds, out / results_name)
@@ -444,7 +470,6 @@ def plot_diagnostics(seeds: list[dict], folder: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     from dass_train.labels import CLASS_NAMES
 
