@@ -6,7 +6,7 @@ Exports a random-init ResNet-101 (speed does not depend on the weight values) wi
 runs/bench-r101/ (its checkpoint stays beside it, so the benchmark adds torch eager rows), then runs exactly
 
     dass-segment --benchmark --model runs/bench-r101/models/resnet101 --sizes 512x1024 --repeats N \
-        --json benchmarks/results/segment_benchmark_r101.json
+        --json benchmarks/results/segment_benchmark_r101.json --out benchmarks/results
 
 which merges its rows (backend, precision, size, p50_ms, p95_ms, ...) and this machine's description into the
 JSON, keeping other machines' rows, and prints the fastest CPU runtime against torch eager fp32.
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         model = Path(export_random("resnet101", 512, 1024, str(work)))
     command = ["--benchmark", "--model", str(model), "--sizes", "512x1024", "--repeats", str(args.repeats)]
-    command += ["--json", args.json] + (["--threads", str(args.threads)] if args.threads else [])
+    command += ["--json", args.json, "--out", str(Path(args.json).parent)]  # segment_cpu.md beside the json
+    command += ["--threads", str(args.threads)] if args.threads else []
     print("dass-segment " + " ".join(command), flush=True)
     return segment_main(command)
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 CITYSCAPES_NAME = re.compile(r"([A-Za-z]+_\d{6}_\d{6})")
 RUNS_DIR = Path("runs/segment")
+BENCHMARK_RUNS_DIR = Path("runs/benchmark")
 
 EPILOG = (
     "Exit status: 0 ok, 1 some inputs failed (or the extra a runtime needs is not installed), 2 usage or setup "
@@ -131,7 +132,7 @@ def _save_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Output folder (default: runs/segment/expN, the next free N).",
+    help="Output folder (default: runs/segment/expN, the next free N; with --benchmark, runs/benchmark/expN).",
 )
 @click.option(
     "--save",
@@ -178,8 +179,8 @@ def _save_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option(
     "--benchmark",
     is_flag=True,
-    help="Time every available backend x precision x size (no SOURCE needed); saves markdown + JSON in "
-    "benchmarks/results/.",
+    help="Time every available backend x precision x size (no SOURCE needed); saves the table as markdown + JSON "
+    "(segment_<device>.md, .json) in --out (default: runs/benchmark/expN, the next free N).",
 )
 @click.option("--sizes", callback=_sizes_option, metavar="HxW,...", help="Benchmark sizes (default: the model's).")
 @click.option(
@@ -246,6 +247,7 @@ def segment(ctx: click.Context, **params: object) -> None:
             if args.benchmark:
                 from dass_deploy.benchmark import benchmark_main
 
+                args.out = args.out or next_run_dir(BENCHMARK_RUNS_DIR)  # created when the table is saved
                 argv = (ctx.obj or {}).get("argv", sys.argv[1:])
                 code = benchmark_main(args, argv)
             else:

@@ -11,11 +11,36 @@ from collections.abc import Sequence
 
 import rich_click as click
 
-from dass_deploy.cli_common import OK, Signals, adapt_frames_option, adapt_frames_value, fail, finish, run_command
+from dass_deploy.cli_common import (
+    OK,
+    Signals,
+    adapt_frames_option,
+    adapt_frames_value,
+    fail,
+    finish,
+    require_extra,
+    run_command,
+)
 from dass_deploy.errors import DeployError
 from dass_deploy.repository import check_model_name, user_models_dir
 
-EPILOG = "Exit status: 0 ok, 2 usage or setup error (nothing written), 130 Ctrl-C, 143 SIGTERM."
+EPILOG = (
+    "Exit status: 0 ok, 1 an extra the options need is not installed, 2 usage or setup error (nothing written in "
+    "either case), 130 Ctrl-C, 143 SIGTERM."
+)
+
+
+def _require_option_extras(args: dict) -> None:
+    """``--openvino`` needs the openvino extra, ``--int8`` with an NNCF quantiser (its default without ``--trt``)
+    the int8 extra: without it, the one line naming it and exit 1, before torch loads or anything is written. NNCF
+    with ``--trt`` is left to the exporter, which refuses the combination whatever is installed."""
+    if args["int8"] and not args["trt"]:
+        calibration = args["int8_calibration"]
+        if calibration is None or calibration.startswith("nncf"):  # the default: precision.default_int8_method
+            option = "--int8" if calibration is None else f"--int8-calibration {calibration}"
+            require_extra(f"dass-export {option}", "int8")
+    if args["openvino"]:
+        require_extra("dass-export --openvino", "openvino")
 
 
 def _name_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -153,6 +178,7 @@ def export(**args: object) -> None:
     if keep is not None:  # None: the default of the chosen quantiser
         keep = () if keep.strip().lower() == "none" else tuple(k.strip() for k in keep.split(",") if k.strip())
     args["int8_keep_float"] = keep
+    _require_option_extras(args)
     with Signals() as signals:
         try:
             from dass_deploy.export import export_model
@@ -170,7 +196,8 @@ def export(**args: object) -> None:
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``dass-export``; returns the exit status (0 ok, 2 setup error, 130 Ctrl-C, 143 SIGTERM).
+    """Entry point of ``dass-export``; returns the exit status (0 ok, 1 a needed extra is not installed, 2 setup
+    error, 130 Ctrl-C, 143 SIGTERM).
     ``--help`` and usage errors exit like argparse did (``SystemExit``)."""
     return run_command(export, argv, "dass-export")
 

@@ -145,6 +145,72 @@ def test_console_script_exit_codes(model_dir, tmp_path):
     assert failed.returncode == 1 and "warning:" in failed.stderr and "Traceback" not in failed.stderr
 
 
+#: Runs ``dass-export`` (the console script's entry point) with the modules named in argv[1] made unimportable.
+EXPORT_WITHOUT = (
+    "import sys; sys.modules.update(dict.fromkeys(sys.argv[1].split(','))); "
+    "from dass_deploy.cli import export_main; sys.exit(export_main(sys.argv[2:]))"
+)
+
+
+@pytest.mark.parametrize(
+    "hidden, options, line",
+    [
+        ("openvino", ["--openvino"], "dass-export --openvino needs OpenVINO: pip install 'dass[openvino]'"),
+        ("nncf", ["--int8"], "dass-export --int8 needs NNCF: pip install 'dass[int8]'"),
+        ("nncf", ["--int8", "--int8-calibration", "nncf-accuracy"],
+         "dass-export --int8-calibration nncf-accuracy needs NNCF: pip install 'dass[int8]'"),
+    ],
+)  # fmt: skip
+def test_export_options_without_their_extra_name_it_in_one_line(tmp_path, hidden, options, line):
+    """Like every command without its extra: exit 1, one line, before the checkpoint is read or anything written."""
+    (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "calib").mkdir()
+    args = ["model.pt", "--out", "models", *options] + (["--calib", "calib"] if "--int8" in options else [])
+    proc = subprocess.run(
+        [sys.executable, "-c", EXPORT_WITHOUT, hidden, *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=subprocess_env(),
+    )  # fmt: skip
+    assert (proc.returncode, proc.stderr.strip(), proc.stdout) == (1, line, "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "model.pt"]
+
+
+def test_export_int8_with_an_ort_quantiser_does_not_need_nncf(tmp_path):
+    """Only the NNCF quantisers need dass[int8]: without nncf, --int8-calibration percentile goes on to read the
+    checkpoint (and names it: this one is not a checkpoint)."""
+    (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "calib").mkdir()
+    shutil.copy(FRANKFURT, tmp_path / "calib")
+    args = ["model.pt", "--out", "models", "--int8", "--calib", "calib", "--int8-calibration", "percentile"]
+    proc = subprocess.run(
+        [sys.executable, "-c", EXPORT_WITHOUT, "nncf", *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=subprocess_env(),
+    )  # fmt: skip
+    assert proc.returncode == 2 and "NNCF" not in proc.stderr and "model.pt" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "models").exists()
+
+
+def test_benchmark_saves_its_table_in_a_run_folder(tmp_path, monkeypatch, capsys):
+    """Run outside the clone, --benchmark writes runs/benchmark/expN/ (the next free N) in the working folder, never
+    a benchmarks/ folder there; --out still chooses the folder. The summary line names the files."""
+    from dass_deploy.cli import segment_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DASS_MODEL", raising=False)
+    monkeypatch.delenv("DASS_MODELS", raising=False)
+    args = ["--benchmark", "--backend", "onnxruntime", "--sizes", "128x256", "--repeats", "1", "--quiet"]
+    for expected in ("runs/benchmark/exp1", "runs/benchmark/exp2", "mine"):
+        extra = ["--out", "mine"] if expected == "mine" else []
+        assert segment_main([*args, *extra]) == 0
+        summary = capsys.readouterr().out.strip().splitlines()[-1]
+        md, js = Path(expected) / "segment_cpu.md", Path(expected) / "segment_cpu.json"
+        assert summary == f"saved {md} and {js}"
+        rows = json.loads(js.read_text())["rows"]
+        assert [(r["backend"], r["size"]) for r in rows] == [("onnxruntime", "128x256")] and "p50_ms" in rows[0]
+        assert md.read_text().startswith("# Benchmark: segment_cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "runs"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["benchmark"]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -132,7 +132,11 @@ def test_runtime_segments_a_video(runtime, elsewhere):
 def test_runtime_benchmark_gives_onnx_runtime_rows(runtime, elsewhere):
     proc = run(runtime, "dass-segment", "--benchmark", "--sizes", "128x256", "--repeats", "2", "--quiet", cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr
-    rows = json.loads((elsewhere / "benchmarks" / "results" / "segment_cpu.json").read_text())["rows"]
+    assert proc.stdout.strip().splitlines()[-1] == (
+        "saved runs/benchmark/exp1/segment_cpu.md and runs/benchmark/exp1/segment_cpu.json"
+    )
+    assert not (elsewhere / "benchmarks").exists()
+    rows = json.loads((elsewhere / "runs" / "benchmark" / "exp1" / "segment_cpu.json").read_text())["rows"]
     assert rows and {r["backend"] for r in rows} == {"onnxruntime"} and rows[0]["size"] == "128x256"
     assert "p50_ms" in rows[0]
 
