@@ -188,3 +188,62 @@ def test_paired_confidence_interval():
     half = 4.303 * p["std"] / 3**0.5
     assert p["ci95"] == pytest.approx([p["mean"] - half, p["mean"] + half])
     assert paired_ci([0.3], [0.2])["ci95"] is None
+
+
+def _recipe_result(scores: dict[str, float], accuracy: dict[str, float] | None = None) -> dict:
+    """A base_recipe result with these target-train scores; first-round labels in the regime unless ``accuracy``."""
+    accuracy = accuracy or {}
+    return {
+        "variants": {
+            k: {
+                "target_train": {"miou": v},
+                "labels": {"first": {"accuracy": accuracy.get(k, 0.93), "density": 0.17}},
+            }
+            for k, v in scores.items()
+        }
+    }
+
+
+def test_base_recipe_rule():
+    """The rule written in docs/PROXY.md before measuring: a change must beat A by 1 point, stay in the label
+    regime, and D needs 0.5 point over the better single change."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from base_recipe import choose
+
+    base = {"A": 0.25, "control": 0.24}
+    assert choose(_recipe_result({**base, "B": 0.259, "C": 0.255, "D": 0.2595}))[0] == "A"  # none by 1 point
+    assert choose(_recipe_result({**base, "B": 0.266, "C": 0.265, "D": 0.27}))[0] == "B"  # D < B + 0.5
+    assert choose(_recipe_result({**base, "B": 0.262, "C": 0.265, "D": 0.272}))[0] == "D"
+    out_of_regime = {"C": 0.893, "D": 0.893}
+    assert choose(_recipe_result({**base, "B": 0.266, "C": 0.29, "D": 0.30}, out_of_regime))[0] == "B"
+    assert choose(_recipe_result({**base, "B": 0.255, "C": 0.29, "D": 0.30}, out_of_regime))[0] == "A"
+
+
+@pytest.mark.slow
+def test_base_recipe_tiny_run(tmp_path):
+    out = tmp_path / "results"
+    args = ["--seed", "7", "--parallel", "2", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    proc = run("benchmarks/base_recipe.py", *args, *tiny(tmp_path / "data"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((out / "base_recipe-seed7.json").read_text())
+    assert record["command"] == "python benchmarks/base_recipe.py --seed 7 --parallel 2 " + " ".join(
+        tiny(tmp_path / "data")
+    )
+    assert set(record["variants"]) == {"A", "B", "C", "D", "control"}
+    assert record["choice"] in {"A", "B", "C", "D"} and record["why"]
+    for v in record["variants"].values():
+        assert 0.0 <= v["target_train"]["miou"] <= 1.0 and len(v["target_train"]["iou"]) == 19
+        first = v["labels"]["first"]
+        assert first["round"] == "round_00" and 0.0 <= first["road_share"] <= 1.0
+    import yaml
+
+    def config(variant: str) -> dict:
+        return yaml.safe_load(
+            (tmp_path / "runs" / "base-recipe-seed7" / f"variant-{variant}" / "config.yaml").read_text()
+        )
+
+    d, a = config("D"), config("A")
+    assert (d["loss"]["entropy"], d["method"]["image_portion"], d["method"]["cbst_portion"]) == ("authors", 0, 0.2)
+    assert (a["method"]["use_fcl"], a["method"]["dynamic_labels"]) == (False, "off")  # L_base only
+    assert config("control")["loss"]["seg_target"] == 0
+    assert "Rule's choice" in (out / "base_recipe-seed7.md").read_text()
