@@ -30,7 +30,6 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dass_deploy.backends import create_backend  # noqa: E402
-from dass_deploy.benchmark import write_json  # noqa: E402
+from dass_deploy.benchmark import BLOCK, time_in_blocks, write_json  # noqa: E402
 from dass_deploy.errors import DeployError  # noqa: E402
 from dass_deploy.export import INT8_MAX_MIOU_DROP, export_model, list_images, load_image  # noqa: E402
 from dass_deploy.machine import describe_machine, isa_cap_env, machine_markdown  # noqa: E402
@@ -67,16 +66,11 @@ def method_name(method: Method) -> str:
 
 
 def time_interleaved(backends: dict, image: np.ndarray, repeats: int) -> dict:
-    """Latency (ms) of each backend's ``predict``, one run of each per round, after one warm-up each."""
-    times: dict = {k: [] for k in backends}
+    """Latency (ms) of each backend's ``predict``: one warm-up each, then round-robin blocks (``time_in_blocks``)."""
     for b in backends.values():
         b.predict(image)
-    for _ in range(repeats):
-        for key, b in backends.items():
-            start = time.perf_counter()
-            b.predict(image)
-            times[key].append((time.perf_counter() - start) * 1000)
-    return times
+    calls = [lambda b=b: b.predict(image) for b in backends.values()]
+    return dict(zip(backends, time_in_blocks(calls, repeats), strict=True))
 
 
 def convert_legacy(path: Path) -> None:
@@ -110,7 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-max", type=int, default=300, help="calibration images per method (default 300)")
     p.add_argument("--height", type=int, default=128, help="export height (default: 128)")
     p.add_argument("--width", type=int, default=256, help="export width (default: 256)")
-    p.add_argument("--repeats", type=int, default=10, help="timed rounds (default: 10)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=10,
+        help="timed runs of each runtime x model, in round-robin blocks (default: 10)",
+    )
     p.add_argument("--threads", type=int, default=2, help="runtime intra-op threads (default: 2)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"INT8 methods (default: {DEFAULT_METHODS})")
     p.add_argument("--runtimes", default="onnxruntime,openvino", help="CPU runtimes to time (default: both)")
@@ -168,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                         "method": None if key == "fp32" else key,
                         "size": size,
                         "threads": args.threads,
+                        "block": BLOCK,
                         "p50_ms": float(np.median(ms)),
                         "p95_ms": float(np.percentile(ms, 95)),
                         "img_per_s": float(1000.0 / ms.mean()),
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/bench_int8.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     notes = [
         f"Checkpoint {args.model_checkpoint}; input {size}; {args.threads} threads; median of {args.repeats} "
-        "interleaved rounds over every runtime x model (labels graph, batch 1, one val image); mIoU on the full val split at the export size, "
+        f"timed runs each, in round-robin blocks of {BLOCK} (the first untimed) over every runtime x model (labels graph, batch 1, one val image); mIoU on the full val split at the export size, "
         f"computed by ONNX Runtime on the logits graphs (the gate: drop <= {INT8_MAX_MIOU_DROP} point). Methods: "
         "quantiser/calibration (nncf: NNCF MIXED preset + fast bias correction | ONNX Runtime minmax | percentile "
         "99.999 | entropy) : layers kept in float (first_conv, classifier) @ calibration images; weights int8 "

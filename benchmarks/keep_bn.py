@@ -36,7 +36,6 @@ from dass_deploy.machine import describe_machine, machine_markdown  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_CHECKPOINT = "runs/tables-paper-seed0/row4/adapt/last.pt"
 DEFAULT_FRAMES = "data/newcamera-seed500/cityscapes/leftImg8bit/train"
-BLOCK = 6  # runs per timing block (see latency)
 
 
 def _in_repo(path: str) -> Path:
@@ -55,10 +54,11 @@ def export(checkpoint: Path, out: Path, name: str, keep_bn: bool, size: tuple[in
 
 
 def latency(models: dict[str, Path], sizes: list[tuple[int, int]], repeats: int, threads: int) -> list[dict]:
-    """p50 / p95 ms of each (export, runtime, size): blocks of runs, round-robin, after a warm-up."""
+    """p50 / p95 ms of each (export, runtime, size): round-robin blocks (``time_in_blocks``), after a warm-up."""
     import numpy as np
 
     from dass_deploy.backends import create_backend
+    from dass_deploy.benchmark import BLOCK, time_in_blocks
     from dass_deploy.errors import DeployError
 
     entries, rows = [], []
@@ -76,17 +76,10 @@ def latency(models: dict[str, Path], sizes: list[tuple[int, int]], repeats: int,
                 row = {"export": export_name, "runtime": runtime, "size": f"{size[0]}x{size[1]}", "threads": threads}
                 rows.append(row)
                 entries.append((backend, x, row, []))
-    # Blocks of BLOCK runs, the first of each untimed, the blocks round-robin: run-by-run alternation would time each
-    # runtime while the previous one's ONNX Runtime threads still spin (it slowed the next 128x256 run by ~60 %).
-    for _ in range(max(1, repeats // (BLOCK - 1))):
-        for backend, x, _, times in entries:
-            backend.predict(x)
-            for _ in range(BLOCK - 1):
-                start = time.perf_counter()
-                backend.predict(x)
-                times.append((time.perf_counter() - start) * 1000)
-    for _, _, row, times in entries:
-        row.update(p50_ms=float(np.percentile(times, 50)), p95_ms=float(np.percentile(times, 95)), repeats=repeats)
+    calls = [lambda b=backend, x=x: b.predict(x) for backend, x, _, _ in entries]
+    for (_, _, row, _), times in zip(entries, time_in_blocks(calls, repeats), strict=True):
+        row.update(p50_ms=float(np.percentile(times, 50)), p95_ms=float(np.percentile(times, 95)), repeats=repeats,
+                   block=BLOCK)  # fmt: skip
     return rows
 
 

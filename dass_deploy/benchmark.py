@@ -16,6 +16,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from dass_deploy.segmenter import parse_size
 
 RESULTS_DIR = Path("benchmarks/results")
 RESULTS_FORMAT = "dass-benchmark"
+BLOCK = 6  # calls per timing block: one untimed, then BLOCK - 1 timed (see time_in_blocks)
 
 
 def _proc_status_kb(field: str) -> int | None:
@@ -112,6 +114,37 @@ def _pipeline_fps(backend: Any, size: tuple[int, int], frames: int, tmp: Path) -
     return stats.fps
 
 
+def time_in_blocks(
+    runs: Sequence[Callable[[], object]],
+    repeats: int,
+    block: int = BLOCK,
+    on_round: Callable[[int, int], None] | None = None,
+) -> list[list[float]]:
+    """Milliseconds of ``repeats`` timed calls of each of ``runs``, in blocks taken round-robin.
+
+    Every block starts with one untimed call, then times ``block - 1`` calls of the same callable, and the blocks of
+    all callables alternate. Round-robin makes a load change during the benchmark slow every callable alike (ratios
+    are measured in one run); the untimed call keeps the previous callable's ONNX Runtime / OpenVINO worker threads,
+    still spinning after they return, out of the timings (alternating single calls slowed the next 128x256 run by
+    ~60 %). ``on_round(done, total)`` is called after each round of blocks (a progress hook).
+    """
+    if repeats < 1 or block < 2:
+        raise ValueError(f"repeats must be >= 1 and block >= 2, got repeats={repeats}, block={block}")
+    per_block = block - 1
+    rounds = -(-repeats // per_block)
+    times: list[list[float]] = [[] for _ in runs]
+    for r in range(rounds):
+        for fn, ms in zip(runs, times, strict=True):
+            fn()
+            for _ in range(min(per_block, repeats - len(ms))):
+                start = time.perf_counter()
+                fn()
+                ms.append((time.perf_counter() - start) * 1000.0)
+        if on_round is not None:
+            on_round(r + 1, rounds)
+    return times
+
+
 def _row(backend: Any, precision: str, device: str, size: tuple[int, int], threads: int) -> dict[str, Any]:
     return {
         "backend": backend.name,
@@ -150,7 +183,7 @@ def run_benchmark(
     """One row per backend x precision x size: latency p50/p95 (ms), img/s, peak memory (MB), optional pipeline fps.
 
     ``threads`` is given to every backend (ORT intra-op, OpenVINO, torch intra-op), so CPU comparisons are like for
-    like. ``interleave`` builds every backend first and times them round-robin (one run of each per repeat), so a
+    like. ``interleave`` builds every backend first and times them in round-robin blocks (``time_in_blocks``), so a
     machine whose load changes during the benchmark slows all of them alike: use it for speed-up figures on a shared
     machine. Memory is then the RSS high-water delta of each backend's build + warm-up.
     """
@@ -212,8 +245,8 @@ def _run_interleaved(
     threads: int,
     progress: bool,
 ) -> list[dict[str, Any]]:
-    """Build + warm up every (backend, size) in turn, then time them round-robin ``repeats`` times."""
-    entries: list[tuple[Any, dict[str, Any], np.ndarray, list[float]]] = []
+    """Build + warm up every (backend, size) in turn, then time them in round-robin blocks (``time_in_blocks``)."""
+    entries: list[tuple[Any, dict[str, Any], np.ndarray]] = []
     rows: list[dict[str, Any]] = []
     for name, precision, path in plan:
         _reset_peak_rss()
@@ -242,16 +275,16 @@ def _run_interleaved(
                 interleaved=True,
             )
             rows.append(row)
-            entries.append((backend, row, x, []))
-    for i in range(repeats):
-        for backend, _, x, times in entries:
-            t0 = time.perf_counter()
-            backend.predict(x)
-            times.append((time.perf_counter() - t0) * 1000.0)
+            entries.append((backend, row, x))
+
+    def report(done: int, total: int) -> None:
         if progress:
-            print(f"dass-benchmark: round {i + 1}/{repeats} done", file=sys.stderr, flush=True)
-    for _, row, _, times in entries:
+            print(f"dass-benchmark: round {done}/{total} of blocks done", file=sys.stderr, flush=True)
+
+    calls = [lambda b=backend, x=x: b.predict(x) for backend, _, x in entries]
+    for (_, row, _), times in zip(entries, time_in_blocks(calls, repeats, on_round=report), strict=True):
         _timings(row, times)
+        row["block"] = BLOCK
     return rows
 
 
@@ -386,7 +419,8 @@ def save_results(rows: list[dict[str, Any]], name: str, command: str, out_dir: P
 
 
 def benchmark_main(args: argparse.Namespace, argv: list[str]) -> int:
-    """``dass-segment --benchmark``: print the table and save it (``--out`` overrides benchmarks/results/); with
+    """``dass-segment --benchmark``: print the table and save it in ``args.out`` (the CLI's default is the next free
+    runs/benchmark/expN/; benchmarks/results/ when called without one); with
     ``args.json`` (``--json FILE``, optional) the rows are also merged into that file, keyed by machine."""
     sizes = [parse_size(s) for s in args.sizes.split(",")] if args.sizes else None
     backends = None if args.backend == "auto" else [args.backend]

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -123,6 +124,47 @@ def test_visualize():
     frame = np.zeros((64, 128, 3), np.uint8)
     pasted = paste_legend(frame, everything)
     assert pasted.shape == frame.shape and pasted.any()
+
+
+def test_time_in_blocks_order_and_untimed_first_call():
+    """Blocks alternate between callables, each timed exactly ``repeats`` times; the first call of every block is
+    untimed, so a callable slowed right after another one ran (spinning runtime threads) is not charged for it."""
+    from dass_deploy.benchmark import time_in_blocks
+
+    calls: list[str] = []
+    last = [""]
+
+    def make(name: str):
+        def run() -> None:
+            if last[0] != name:  # the first call after a switch is slow, like a runtime still spinning
+                time.sleep(0.03)
+            last[0] = name
+            calls.append(name)
+
+        return run
+
+    rounds: list[tuple[int, int]] = []
+    times = time_in_blocks([make("a"), make("b")], repeats=7, block=4, on_round=lambda d, t: rounds.append((d, t)))
+    assert [len(t) for t in times] == [7, 7]
+    assert rounds == [(1, 3), (2, 3), (3, 3)]
+    # 3 rounds: blocks of 1 untimed + 3, 1 + 3, 1 + 1 timed calls, a's block before b's in every round
+    assert calls == ["a"] * 4 + ["b"] * 4 + ["a"] * 4 + ["b"] * 4 + ["a"] * 2 + ["b"] * 2
+    assert max(max(t) for t in times) < 25.0  # the 30 ms switch cost never lands in a timing
+    with pytest.raises(ValueError, match="repeats"):
+        time_in_blocks([make("a")], repeats=0)
+    with pytest.raises(ValueError, match="block"):
+        time_in_blocks([make("a")], repeats=3, block=1)
+
+
+def test_benchmark_interleaved_records_blocks(model_dir):
+    """``interleave``: every runtime built first, then timed in blocks; the rows say so."""
+    from dass_deploy.benchmark import BLOCK, run_benchmark
+
+    rows = run_benchmark(model=model_dir, repeats=4, warmup=1, progress=False, threads=1, interleave=True)
+    timed = [r for r in rows if "p50_ms" in r]
+    assert {r["backend"] for r in timed} >= {"onnxruntime", "torch"}
+    for r in timed:
+        assert r["interleaved"] and r["block"] == BLOCK and r["repeats"] == 4 and r["build_s"] > 0
 
 
 def test_benchmark_table(model_dir, tmp_path):
