@@ -75,9 +75,9 @@ def latency(models: dict[str, Path], sizes: list[tuple[int, int]], repeats: int,
                     backend.predict(x)
                 row = {"export": export_name, "runtime": runtime, "size": f"{size[0]}x{size[1]}", "threads": threads}
                 rows.append(row)
-                entries.append((backend, x, row, []))
-    calls = [lambda b=backend, x=x: b.predict(x) for backend, x, _, _ in entries]
-    for (_, _, row, _), times in zip(entries, time_in_blocks(calls, repeats), strict=True):
+                entries.append((backend, x, row))
+    calls = [lambda b=backend, x=x: b.predict(x) for backend, x, _ in entries]
+    for (_, _, row), times in zip(entries, time_in_blocks(calls, repeats), strict=True):
         row.update(p50_ms=float(np.percentile(times, 50)), p95_ms=float(np.percentile(times, 95)), repeats=repeats,
                    block=BLOCK)  # fmt: skip
     return rows

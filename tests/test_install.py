@@ -64,11 +64,15 @@ def run(bin_dir: Path, *args: str, cwd: Path, env: dict[str, str] | None = None)
     )  # fmt: skip
 
 
+#: Source folder -> the package name it installs under (pyproject's package-dir: the demo's app/ is ``dass_demo``).
+INSTALLED_AS = {"app": "dass_demo", "dass_deploy": "dass_deploy", "dass_train": "dass_train"}
+
+
 def source_packages() -> set[str]:
-    """Every package of the source tree: folders with ``__init__.py`` under the three top-level packages."""
+    """Every package of the source tree, by its installed name: folders with ``__init__.py`` under the three tops."""
     return {
-        ".".join(init.parent.relative_to(REPO).parts)
-        for top in ("app", "dass_deploy", "dass_train")
+        ".".join((INSTALLED_AS[top], *init.parent.relative_to(REPO / top).parts))
+        for top in INSTALLED_AS
         for init in (REPO / top).rglob("__init__.py")
     }
 
@@ -86,7 +90,9 @@ def test_wheel_holds_packages_presets_examples_and_the_default_model(dist):
     assert source_packages() <= packaged, f"missing from pyproject's packages: {source_packages() - packaged}"
     presets = {p.name for p in (REPO / "dass_train" / "presets").glob("*.yaml")}
     assert {f"dass_train/presets/{p}" for p in presets} <= names
-    assert {f"app/examples/{p.name}" for p in (REPO / "app" / "examples").glob("*.png")} <= names
+    assert {f"dass_demo/examples/{p.name}" for p in (REPO / "app" / "examples").glob("*.png")} <= names
+    tops = {n.split("/")[0] for n in names}  # nothing with a generic name (app, models, ...) lands in site-packages
+    assert tops == {*INSTALLED_AS.values(), "dass-0.1.0.dist-info"}, tops
     bundled = f"dass_deploy/bundled/{DEFAULT_MODEL}"
     assert {f"{bundled}/meta.json", f"{bundled}/config.pbtxt", f"{bundled}/1/model.onnx"} <= names
     assert zipfile.ZipFile(dist[0]).read("dass_deploy/bundled/DEFAULT").decode().strip() == DEFAULT_MODEL
