@@ -26,9 +26,11 @@ Per seed S:
   after, and on the model's own target val (data/synthetic-seed<S>) before and after adapting to the new camera:
   what the user gives up on the old domain.
 
-A finished seed writes benchmarks/results/adapt_bn/seed<S>.json and is skipped on a rerun; the summary
-(adapt_bn.json / .md) pairs after with before by seed (mean difference, Student-t 95 % interval; a change counts
-only where the interval excludes 0). Timings are only comparable on an idle machine; the machine is recorded.
+Each measured model of a seed writes benchmarks/results/adapt_bn/seed<S>-<model>.json (with the command that
+remakes exactly that file) and is skipped on a rerun, so the table grows model by model and seed by seed, across
+sessions, as the checkpoints appear. The summary (adapt_bn.json / .md) pairs after with before by seed for each model
+over the seeds it has (mean difference, Student-t 95 % interval; a change counts only where the interval excludes 0).
+Timings are only comparable on an idle machine; the machine is recorded.
 """
 
 from __future__ import annotations
@@ -210,7 +212,22 @@ def measure_model(key: str, ckpt: Path, seed: int, newcam: Path, target: Path, c
     return row
 
 
-def run_seed(seed: int, keys: list[str], args: argparse.Namespace, command: str) -> dict:
+def result_file(out: Path, seed: int, key: str) -> Path:
+    return out / "adapt_bn" / f"seed{seed}-{key}.json"
+
+
+def command_for(seed: int, key: str, args: argparse.Namespace) -> str:
+    """The command that remakes exactly one result file (one seed, one model)."""
+    words = ["--seeds", str(seed), "--models", key]
+    if frame_counts(args.frames) != list(FRAME_COUNTS):
+        words += ["--frames", args.frames]
+    if args.newcamera_counts != NEWCAMERA_COUNTS:
+        words += ["--newcamera-counts", args.newcamera_counts]
+    return "python benchmarks/adapt_bn.py " + " ".join(shlex.quote(w) for w in [*words, *args.overrides])
+
+
+def run_seed(seed: int, keys: list[str], args: argparse.Namespace, out: Path) -> None:
+    """Measure ``keys`` for one seed (training what is missing first), one result file per model as it finishes."""
     import torch
 
     if args.threads:
@@ -220,20 +237,24 @@ def run_seed(seed: int, keys: list[str], args: argparse.Namespace, command: str)
     train_missing(keys, seed, args)
     target = target_root(seed, args.overrides)
     counts = frame_counts(args.frames)
-    start = time.perf_counter()
-    rows = [measure_model(k, checkpoint_path(k, seed, args.runs), seed, newcam, target, counts) for k in keys]
-    return {
-        "seed": seed,
-        "command": command,
-        "machine": describe_machine(),
-        "threads": torch.get_num_threads(),
-        "size": list(SIZE),
-        "frame_counts": counts,
-        "newcamera": {"root": _rel(newcam), "seed": NEWCAMERA_SEED + seed, "counts": args.newcamera_counts},
-        "target": _rel(target),
-        "models": rows,
-        "minutes": (time.perf_counter() - start) / 60,
-    }
+    for key in keys:
+        start = time.perf_counter()
+        row = measure_model(key, checkpoint_path(key, seed, args.runs), seed, newcam, target, counts)
+        record = {
+            "seed": seed,
+            "command": command_for(seed, key, args),
+            "machine": describe_machine(),
+            "threads": torch.get_num_threads(),
+            "size": list(SIZE),
+            "frame_counts": counts,
+            "newcamera": {"root": _rel(newcam), "seed": NEWCAMERA_SEED + seed, "counts": args.newcamera_counts},
+            "target": _rel(target),
+            "model": row,
+            "minutes": (time.perf_counter() - start) / 60,
+        }
+        path = result_file(out, seed, key)
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"seed {seed} {key}: written {_rel(path)} ({record['minutes']:.1f} min)")
 
 
 # ---------------------------------------------------------------------------------------------------- summary
@@ -247,22 +268,26 @@ def _diff(p: dict) -> str:
 
 
 def summarize(out: Path) -> dict | None:
-    seeds = [json.loads(f.read_text()) for f in sorted((out / "adapt_bn").glob("seed*.json"))]
-    if not seeds:
+    """Every result file, grouped by model (in MODELS' order); each model is paired over the seeds it has."""
+    records = [json.loads(f.read_text()) for f in sorted((out / "adapt_bn").glob("seed*-*.json"))]
+    if not records:
         return None
-    keys = [k for k in MODELS if all(any(r["model"] == k for r in s["models"]) for s in seeds)]
-    counts = seeds[0]["frame_counts"]
-    if any(s["frame_counts"] != counts for s in seeds):
-        raise SystemExit(f"{out / 'adapt_bn'}: the seed files measured different frame counts; rerun them alike")
+    counts = records[0]["frame_counts"]
+    if any(r["frame_counts"] != counts for r in records):
+        raise SystemExit(f"{out / 'adapt_bn'}: the result files measured different frame counts; rerun them alike")
     table = []
-    for key in keys:
-        rows = [next(r for r in s["models"] if r["model"] == key) for s in seeds]
+    for key in MODELS:
+        mine = sorted((r for r in records if r["model"]["model"] == key), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        rows = [r["model"] for r in mine]
         before_new = [r["before"]["newcamera"] for r in rows]
         before_old = [r["before"]["target"] for r in rows]
         entry = {
             "model": key,
             "label": rows[0]["label"],
             "bn": sorted({r["bn"] for r in rows}),
+            "seeds": [r["seed"] for r in mine],
             "n": len(rows),
             "before": {"newcamera": before_new, "target": before_old},
             "adapted": [],
@@ -286,11 +311,11 @@ def summarize(out: Path) -> dict | None:
         table.append(entry)
     summary = {
         "benchmark": "new camera (data.synthetic_style=newcamera), BN statistics re-estimated by --adapt-bn",
-        "commands": sorted({s["command"] for s in seeds}),
-        "seeds": [s["seed"] for s in seeds],
+        "commands": sorted({r["command"] for r in records}),
+        "seeds": sorted({r["seed"] for r in records}),
         "frame_counts": counts,
         "size": list(SIZE),
-        "machines": [s["machine"] for s in seeds],
+        "machines": [r["machine"] for r in records],
         "models": table,
     }
     (out / "adapt_bn.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -311,24 +336,26 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def markdown(summary: dict) -> str:
-    n, counts, models = len(summary["seeds"]), summary["frame_counts"], summary["models"]
+    counts, models = summary["frame_counts"], summary["models"]
     per_n = [f"N = {c}" for c in counts]
     lines = [
         "# `--adapt-bn` on a camera no training saw (issue 20)",
         "",
         *(f"    {c}" for c in summary["commands"]),
         "",
-        f"Seeds {', '.join(map(str, summary['seeds']))} (n = {n}); mIoU (%) mean ± sd over seeds at "
+        f"Seeds {', '.join(map(str, summary['seeds']))} (each model's own in the first table); mIoU (%) mean ± sd "
+        "over seeds at "
         f"{summary['size'][0]}x{summary['size'][1]}; N frames of the new camera's train split, spread evenly, one "
         "frame per batch. Differences are paired by seed: mean [95 % Student-t interval]; **helps** / **hurts** only "
         "where the interval excludes 0. docs/ADAPT_BN.md explains the domain and the estimate.",
         *_table(
             "## New camera val",
-            ["BN", "before", *per_n],
+            ["BN", "seeds", "before", *per_n],
             [
                 [
                     m["label"],
                     "/".join(m["bn"]),
+                    ",".join(map(str, m["seeds"])),
                     pm_text(m["before"]["newcamera"]),
                     *(pm_text(a["newcamera"]) for a in m["adapted"]),
                 ]
@@ -401,20 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     (out / "adapt_bn").mkdir(parents=True, exist_ok=True)
     if not args.summary_only:
         for seed in (int(s) for s in args.seeds.split(",") if s.strip()):
-            seed_file = out / "adapt_bn" / f"seed{seed}.json"
-            if seed_file.is_file():
-                print(f"seed {seed}: done ({seed_file}), skipped")
-                continue
-            words = ["--seeds", str(seed), "--models", ",".join(keys)]
-            if frame_counts(args.frames) != list(FRAME_COUNTS):
-                words += ["--frames", args.frames]
-            if args.newcamera_counts != NEWCAMERA_COUNTS:
-                words += ["--newcamera-counts", args.newcamera_counts]
-            words += args.overrides
-            command = "python benchmarks/adapt_bn.py " + " ".join(shlex.quote(w) for w in words)
-            result = run_seed(seed, keys, args, command)
-            seed_file.write_text(json.dumps(result, indent=1) + "\n")
-            print(f"seed {seed}: written {seed_file} ({result['minutes']:.1f} min)")
+            done = [k for k in keys if result_file(out, seed, k).is_file()]
+            for key in done:
+                print(f"seed {seed} {key}: done ({_rel(result_file(out, seed, key))}), skipped")
+            todo = [k for k in keys if k not in done]
+            if todo:
+                run_seed(seed, todo, args, out)
     summary = summarize(out)
     if summary is not None:
         print((out / "adapt_bn.md").read_text())

@@ -128,9 +128,12 @@ def test_adapt_bn_tiny_run(tmp_path):
     assert (runs / "tables-paper-seed0" / "row4" / "adapt" / "last.pt").is_file()
     assert not (runs / "tables-seed0" / "row4").exists()  # only what --models asks for is trained
     assert len(list((tmp_path / "cameras" / "newcamera-seed500").rglob("*_leftImg8bit.png"))) == 19
-    record = json.loads((out / "adapt_bn" / "seed0.json").read_text())
-    assert record["command"] == "python benchmarks/adapt_bn.py " + " ".join([*args, *tiny(tmp_path / "data")])
-    models = {m["model"]: m for m in record["models"]}
+    models = {}
+    for key in ("source-only", "paper-bida"):  # one file per seed and model, with the command that remakes it
+        record = json.loads((out / "adapt_bn" / f"seed0-{key}.json").read_text())
+        words = ["--seeds", "0", "--models", key, *args[4:], *tiny(tmp_path / "data")]
+        assert record["command"] == "python benchmarks/adapt_bn.py " + " ".join(words)
+        models[key] = record["model"]
     assert models["source-only"]["bn"] == "trainable" and models["paper-bida"]["bn"] == "frozen"
     for m in models.values():
         assert 0.0 <= m["before"]["newcamera"] <= 1.0 and 0.0 <= m["before"]["target"] <= 1.0
@@ -144,8 +147,16 @@ def test_adapt_bn_tiny_run(tmp_path):
     assert gain["n"] == 1 and gain["ci95"] is None  # one seed: no interval
     md = (out / "adapt_bn.md").read_text()
     assert "N = 16" in md and "python benchmarks/adapt_bn.py --seeds 0" in md and "(one seed)" in md
-    rerun = run("benchmarks/adapt_bn.py", *args, *places, *tiny(tmp_path / "data"))
-    assert rerun.returncode == 0 and "seed 0: done" in rerun.stdout  # resumable: a finished seed is skipped
+    # resumable and cumulative: measured models are skipped, a model added later is measured alone (its checkpoint,
+    # the paper chain's source-only model, is already there) and joins the summary
+    more = ["--seeds", "0", "--models", "source-only,paper-bida,paper-source-only", *args[4:]]
+    rerun = run("benchmarks/adapt_bn.py", *more, *places, *tiny(tmp_path / "data"))
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "seed 0 source-only: done" in rerun.stdout and "seed 0 paper-bida: done" in rerun.stdout
+    assert "seed 0 paper-source-only: written" in rerun.stdout and rerun.stdout.count(": written") == 1
+    summary = json.loads((out / "adapt_bn.json").read_text())
+    assert [m["model"] for m in summary["models"]] == ["source-only", "paper-source-only", "paper-bida"]
+    assert all(m["seeds"] == [0] and m["n"] == 1 for m in summary["models"])
 
     # item 3 on the same tiny model: folded and kept exports timed, the torch-free adaptation against PyTorch's
     ckpt = runs / "tables-paper-seed0" / "row4" / "adapt" / "last.pt"
