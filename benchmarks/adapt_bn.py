@@ -18,10 +18,11 @@ Per seed S:
   any adaptation trained on.
 - **the operation** is the user's: ``open_adapt_frames`` picks N frames spread evenly over the train folder,
   ``adapt_torch_backend`` re-estimates every BN layer one frame per batch at the run size (128x256), exactly as
-  ``dass-segment --checkpoint CKPT --adapt-bn SOURCE --adapt-frames N`` does; N = 16, 64, 256. The seconds are
-  that call's wall time (reading, resizing and the forward passes). One variant settles a choice made without a
-  figure: the same 256 frames in batches of 8 (as ``dass-train eval --target-bn`` runs), whose variance also holds
-  the spread of the frame means within a batch.
+  ``dass-segment --checkpoint CKPT --adapt-bn SOURCE --adapt-frames N`` does (the population statistics in the
+  default number of passes, ``DEFAULT_ADAPT_PASSES``); N = 16, 64, 256. The seconds are that call's wall time
+  (reading, resizing and every pass). Two variants of the largest N compare the estimator with the one the CLI
+  used before, ``cumulative_bn_statistics`` (the average of per-frame means and variances), fed one frame per
+  batch and in batches of 8 (as ``dass-train eval --target-bn`` runs it).
 - **the score** is mIoU at the labels' resolution (as ``dass-segment --eval``), on the new camera's val before and
   after, and on the model's own target val (data/synthetic-seed<S>) before and after adapting to the new camera:
   what the user gives up on the old domain.
@@ -156,23 +157,24 @@ def evaluate(seg, root: Path) -> float:
     return float(scores(evaluator.conf)["miou"])
 
 
-def batches_of_eight(backend, frames_spec: str, count: int) -> None:
-    """The variant: the same frames in batches of 8 (as ``dass-train eval --target-bn``), cumulative average."""
+def per_frame_average(backend, frames_spec: str, count: int, batch: int) -> None:
+    """The variants: the estimator the CLI used before (``cumulative_bn_statistics``: the average of the batch means
+    and of the batch variances) on the same frames in batches of ``batch``."""
     import numpy as np
 
     from dass_deploy.adapt_bn import FrameFeed
     from dass_deploy.adapt_frames import open_adapt_frames
     from dass_train.bn_statistics import batchnorm_layers, cumulative_bn_statistics
 
-    feed = list(FrameFeed(open_adapt_frames(frames_spec, count), SIZE, progress=False))
-    batches = [backend.prepare(np.concatenate(feed[i : i + 8])) for i in range(0, len(feed), 8)]
+    feed = list(FrameFeed(open_adapt_frames(frames_spec, count), SIZE, progress=False, passes=1))
+    batches = [backend.prepare(np.concatenate(feed[i : i + batch])) for i in range(0, len(feed), batch)]
     layers = list(batchnorm_layers(backend.network, include_frozen=True).values())
     cumulative_bn_statistics(backend.network, batches, layers)
 
 
 def measure_model(key: str, ckpt: Path, seed: int, newcam: Path, target: Path, counts: list[int]) -> dict:
     from dass_deploy.adapt_bn import adapt_torch_backend, bn_training
-    from dass_deploy.adapt_frames import open_adapt_frames
+    from dass_deploy.adapt_frames import DEFAULT_ADAPT_PASSES, open_adapt_frames
     from dass_deploy.segmenter import Segmenter
     from dass_train.checkpoint import file_sha256
 
@@ -188,6 +190,7 @@ def measure_model(key: str, ckpt: Path, seed: int, newcam: Path, target: Path, c
         "bn": bn_training(seg.backend.checkpoint_meta),
         "checkpoint": _rel(ckpt),
         "sha256": file_sha256(ckpt),
+        "passes": DEFAULT_ADAPT_PASSES,
         "before": {"newcamera": evaluate(seg, newcam), "target": evaluate(seg, target)},
         "adapted": [],
     }
@@ -203,12 +206,15 @@ def measure_model(key: str, ckpt: Path, seed: int, newcam: Path, target: Path, c
                 "newcamera": evaluate(seg, newcam),
                 "target": evaluate(seg, target),
                 "shift": adaptation.record["shift"],
+                "movement": adaptation.record["movement"],
             }
         )
         print(f"  seed {seed} {key}: N={count} new camera {row['adapted'][-1]['newcamera']:.4f} ({seconds:.1f} s)")
+    for name, batch in (("per_frame_average", 1), ("batches_of_8", 8)):
+        network.load_state_dict(original)
+        per_frame_average(seg.backend, frames_spec, counts[-1], batch)
+        row[name] = {"frames": counts[-1], "newcamera": evaluate(seg, newcam)}
     network.load_state_dict(original)
-    batches_of_eight(seg.backend, frames_spec, counts[-1])
-    row["batches_of_8"] = {"frames": counts[-1], "newcamera": evaluate(seg, newcam)}
     return row
 
 
@@ -272,6 +278,12 @@ def summarize(out: Path) -> dict | None:
     records = [json.loads(f.read_text()) for f in sorted((out / "adapt_bn").glob("seed*-*.json"))]
     if not records:
         return None
+    stale = [r for r in records if "passes" not in r["model"]]
+    if stale:  # measured with the per-frame estimator the CLI had before (benchmarks/results/adapt_bn_per_frame/)
+        raise SystemExit(
+            f"{out / 'adapt_bn'}: seed {stale[0]['seed']} {stale[0]['model']['model']} predates the "
+            "population estimator; move it aside and rerun"
+        )
     counts = records[0]["frame_counts"]
     if any(r["frame_counts"] != counts for r in records):
         raise SystemExit(f"{out / 'adapt_bn'}: the result files measured different frame counts; rerun them alike")
@@ -305,9 +317,11 @@ def summarize(out: Path) -> dict | None:
                     "target_change": paired_ci(old, before_old),
                 }
             )
-        b8 = [r["batches_of_8"]["newcamera"] for r in rows]
-        one = [r["adapted"][-1]["newcamera"] for r in rows]
-        entry["batches_of_8"] = {"newcamera": b8, "vs_one_frame_per_batch": paired_ci(b8, one)}
+        cli = [r["adapted"][-1]["newcamera"] for r in rows]
+        entry["passes"] = sorted({r["passes"] for r in rows})
+        for name in ("per_frame_average", "batches_of_8"):
+            old = [r[name]["newcamera"] for r in rows]
+            entry[name] = {"newcamera": old, "cli_minus_this": paired_ci(cli, old)}
         table.append(entry)
     summary = {
         "benchmark": "new camera (data.synthetic_style=newcamera), BN statistics re-estimated by --adapt-bn",
@@ -346,7 +360,7 @@ def markdown(summary: dict) -> str:
         f"Seeds {', '.join(map(str, summary['seeds']))} (each model's own in the first table); mIoU (%) mean ± sd "
         "over seeds at "
         f"{summary['size'][0]}x{summary['size'][1]}; N frames of the new camera's train split, spread evenly, one "
-        "frame per batch. Differences are paired by seed: mean [95 % Student-t interval]; **helps** / **hurts** only "
+        "frame per batch, population statistics in the CLI's default passes. Differences are paired by seed: mean [95 % Student-t interval]; **helps** / **hurts** only "
         "where the interval excludes 0. docs/ADAPT_BN.md explains the domain and the estimate.",
         *_table(
             "## New camera val",
@@ -380,20 +394,23 @@ def markdown(summary: dict) -> str:
             ],
         ),
         *_table(
-            f"## One frame per batch (the CLI) against batches of 8, N = {counts[-1]}, new camera val",
-            ["one per batch", "batches of 8", "8 minus one"],
+            f"## The estimator, N = {counts[-1]}, new camera val: the CLI's population statistics against the "
+            "average of per-frame statistics (the CLI before), one frame per batch and in batches of 8",
+            ["CLI (passes)", "per-frame average", "CLI minus it", "batches of 8", "CLI minus it"],
             [
                 [
                     m["label"],
-                    pm_text(m["adapted"][-1]["newcamera"]),
+                    f"{pm_text(m['adapted'][-1]['newcamera'])} ({'/'.join(map(str, m['passes']))})",
+                    pm_text(m["per_frame_average"]["newcamera"]),
+                    _diff(m["per_frame_average"]["cli_minus_this"]),
                     pm_text(m["batches_of_8"]["newcamera"]),
-                    _diff(m["batches_of_8"]["vs_one_frame_per_batch"]),
+                    _diff(m["batches_of_8"]["cli_minus_this"]),
                 ]
                 for m in models
             ],
         ),
         *_table(
-            "## Cost: seconds of the adaptation call on CPU (reading, resizing, one forward pass per frame)",
+            "## Cost: seconds of the adaptation call on CPU (reading, resizing, a forward pass per frame and pass)",
             per_n,
             [[m["label"], *(pm_text(a["seconds"], scale=1.0, digits=1) for a in m["adapted"])] for m in models],
         ),

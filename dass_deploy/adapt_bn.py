@@ -5,10 +5,12 @@ an exported model that kept its BatchNorm nodes).
 A deployed model meets a city and a camera that were never its target domain. On the synthetic benchmark the
 strongest effect measured is not a loss term but BN statistics: re-estimating them on unlabelled target images took
 the source-only model from 17.71 to 29.94 mIoU over three seeds, with no training
-(``benchmarks/results/table3_seeds.json``). Here the cumulative pass of ``dass_train.bn_statistics`` runs one frame
-per batch, so the statistics do not depend on the order of the frames, over every BatchNorm layer (frozen ones too:
-the user asked for it). This module also writes down what was done: the ``adapt_bn`` record of meta.json, the
-summary line and the model card's section. Torch is imported only by ``adapt_bn`` itself.
+(``benchmarks/results/table3_seeds.json``). Here every BatchNorm layer (frozen ones too: the user asked for it) gets
+the population statistics of ``dass_train.bn_statistics.population_bn_statistics``: the mean and variance of its
+input over every pixel of every frame, as inference meets them, in passes over the frames (kept in memory, so a
+camera is read once); they do not depend on the order of the frames. This module also writes down what was done:
+the ``adapt_bn`` record of meta.json, the summary line and the model card's section. Torch is imported only by
+``adapt_bn`` itself.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from dass_deploy.adapt_frames import MIN_ADAPT_FRAMES, AdaptFrames
+from dass_deploy.adapt_frames import DEFAULT_ADAPT_PASSES, MIN_ADAPT_FRAMES, AdaptFrames
 from dass_deploy.errors import DeployError
 from dass_deploy.segmenter import resize_to
 
 ESTIMATOR = (
-    "cumulative average over the frames, one frame per batch (BatchNorm momentum=None, every layer reset first): "
-    "running_mean is the mean of the per-frame channel means, running_var the mean of the per-frame unbiased "
-    "channel variances; independent of the frame order"
+    "population statistics: running_mean and running_var are the mean and unbiased variance of each layer's input "
+    "over every pixel of every frame, in {passes} over the frames (pass 1 normalises each frame by its own "
+    "statistics, as BatchNorm in train mode; each further pass runs the model in eval mode with the statistics of "
+    "the pass before, so a layer sees its input as inference will); independent of the frame order"
 )
 #: What the checkpoint's statistics were, by how its BatchNorm trained (``bn_training``).
 BEFORE = {
@@ -60,33 +63,69 @@ def bn_training(ckpt_meta: dict[str, Any]) -> str:
 
 
 class FrameFeed:
-    """The frames as the model sees them: each resized to ``size`` (H, W) as ``Segmenter.preprocess`` does (``None``:
-    each at its own size, as a bare checkpoint runs) and given as ``float32 [1,3,H,W]`` RGB 0..255, the input of the
-    exported graph. On the way it fingerprints them (sha256 in reading order), keeps the first (a real input for the
-    export's parity check) and drives the progress bar, whichever runtime estimates the statistics."""
+    """The frames as the model sees them, once per pass: each resized to ``size`` (H, W) as ``Segmenter.preprocess``
+    does (``None``: each at its own size, as a bare checkpoint runs) and given as ``float32 [1,3,H,W]`` RGB 0..255,
+    the input of the exported graph. The first pass reads the source and keeps the resized frames (uint8), so later
+    passes see the same frames even from a camera. On the way it fingerprints them (sha256 in reading order), keeps
+    the first (a real input for the export's parity check) and drives one progress bar over all passes, whichever
+    runtime estimates the statistics."""
 
-    def __init__(self, frames: AdaptFrames, size: tuple[int, int] | None, progress: bool) -> None:
+    def __init__(
+        self, frames: AdaptFrames, size: tuple[int, int] | None, progress: bool, passes: int = DEFAULT_ADAPT_PASSES
+    ) -> None:
         from tqdm import tqdm
 
-        self.frames, self.size = frames, size
+        if passes < 0:
+            raise DeployError(f"--adapt-passes {passes}: must be at least 1, or exact")
+        self.frames, self.size, self.passes = frames, size, passes  # 0: exact (as many as it takes)
+        self.passes_run = 0
         self.digest = hashlib.sha256()
         self.sample: np.ndarray | None = None
+        self.kept: list[np.ndarray] = []
         self.count = 0
-        self.bar = tqdm(total=frames.planned, desc="adapt-bn", unit="frame", disable=not progress, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=frames.planned * max(passes, 1),
+            desc=f"adapt-bn, {passes} passes" if passes > 1 else "adapt-bn, pass 1" if not passes else "adapt-bn",
+            unit="frame",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        try:
-            for rgb in self.frames:
-                rgb = resize_to(rgb, self.size)
-                self.digest.update(f"{rgb.shape}".encode() + np.ascontiguousarray(rgb).tobytes())
-                x = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
-                if self.sample is None:
-                    self.sample = x
-                yield x[None]
-                self.count += 1
-                self.bar.update(1)
-        finally:
-            self.bar.close()
+        """The first pass: read, resize, fingerprint and keep; ends with ``check`` (too few frames: one line)."""
+        for rgb in self.frames:
+            rgb = np.ascontiguousarray(resize_to(rgb, self.size))
+            self.digest.update(f"{rgb.shape}".encode() + rgb.tobytes())
+            self.kept.append(rgb)
+            x = _as_input(rgb)
+            if self.sample is None:
+                self.sample = x[0]
+            yield x
+            self.count += 1
+            self.bar.update(1)
+        if self.count != self.frames.planned:  # some did not decode: the bar counts what the passes will run
+            self.bar.total = self.count * max(self.passes, 1)
+            self.bar.refresh()
+        self.passes_run = 1
+        self.check()
+
+    def replay(self) -> Iterator[np.ndarray]:
+        """A later pass: the kept frames again, in reading order."""
+        self.passes_run += 1
+        if not self.passes:  # exact: one bar per pass, their number is not known in advance
+            self.bar.reset(total=self.count)
+            self.bar.set_description(f"adapt-bn, pass {self.passes_run}")
+        for rgb in self.kept:
+            yield _as_input(rgb)
+            self.bar.update(1)
+
+    def pass_frames(self, index: int) -> Iterator[np.ndarray]:
+        """Pass ``index`` (0: reads the source)."""
+        return iter(self) if index == 0 else self.replay()
+
+    def close(self) -> None:
+        self.bar.close()
+        self.kept = []
 
     def check(self) -> None:
         """Too few frames came (some could not be decoded, or a video or stream ended): one line naming SOURCE."""
@@ -101,10 +140,25 @@ class FrameFeed:
             f"{MIN_ADAPT_FRAMES}{why} (docs/ADAPT_BN.md)"
         )
 
-    def adaptation(self, before: Statistics, after: Statistics, training: str, runtime: str) -> Adaptation:
-        """The record, summary line and notes of an estimate made on these frames."""
-        record = adaptation_record(self, after, training, statistics_shift(before, after), runtime)
+    def adaptation(
+        self, before: Statistics, after: Statistics, training: str, runtime: str, movement: list[float]
+    ) -> Adaptation:
+        """The record, summary line and notes of an estimate made on these frames in ``self.passes`` passes, each
+        after the first having moved the statistics by ``movement`` (``statistics_movement``)."""
+        record = adaptation_record(self, after, training, statistics_shift(before, after), runtime, movement)
         return Adaptation(record, summary_line(record), _notes(training), self.sample)
+
+
+def _as_input(rgb: np.ndarray) -> np.ndarray:
+    """``uint8 [H,W,3]`` RGB -> ``float32 [1,3,H,W]``, the exported graph's input."""
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)[None]
+
+
+def statistics_movement(before: Statistics, after: Statistics) -> float:
+    """How far a pass moved the statistics: the median over all channels of ``|mean change| / new std`` (the same
+    figure as ``dass_train.bn_statistics.statistics_movement``, in numpy for the runtime-only path)."""
+    shift = [np.abs(after[n][0] - before[n][0]) / np.sqrt(np.maximum(after[n][1], 1e-12)) for n in before]
+    return float(np.median(np.concatenate(shift)))
 
 
 def adapt_bn(
@@ -115,32 +169,40 @@ def adapt_bn(
     forward: Callable[[Any], object] | None = None,
     training: str = "unknown",
     progress: bool = True,
+    passes: int = DEFAULT_ADAPT_PASSES,
 ) -> Adaptation:
-    """Re-estimate every BatchNorm layer of ``model`` (a torch module) on ``frames``, in place.
+    """Re-estimate every BatchNorm layer of ``model`` (a torch module) on ``frames`` in ``passes`` passes (0:
+    exact, until a pass changes nothing), in place.
 
     Each frame goes through ``FrameFeed`` (resized to ``size``, ``float32 [1,3,H,W]`` RGB 0..255), then
     ``to_tensor``; ``forward`` (default: ``model``) runs on the result, so the caller decides where normalisation
-    happens, exactly as at inference. Too few frames raise a one-line ``DeployError`` and leave the statistics as
+    happens, exactly as at inference. Too few frames (or a failure on the way) raise and leave the statistics as
     they were.
     """
     import torch
 
-    from dass_train.bn_statistics import batchnorm_layers, cumulative_bn_statistics
+    from dass_train.bn_statistics import batchnorm_layers, population_bn_statistics
 
     layers = batchnorm_layers(model, include_frozen=True)
     if not layers:
         raise DeployError("--adapt-bn: the model has no BatchNorm layer, so it has no statistics to adapt")
     saved = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in layers.items()}
     before = _statistics(layers)
-    feed = FrameFeed(frames, size, progress)
-    cumulative_bn_statistics(model, (to_tensor(x) for x in feed), list(layers.values()), forward)
+    feed = FrameFeed(frames, size, progress, passes)
+    calls = iter(range(len(layers) + 2))
+
+    def batches() -> Iterator[Any]:
+        return (to_tensor(x) for x in feed.pass_frames(next(calls)))
+
     try:
-        feed.check()
-    except DeployError:
+        movement = population_bn_statistics(model, batches, list(layers.values()), forward, passes)
+    except BaseException:
         for name, m in layers.items():
             m.load_state_dict(saved[name])
         raise
-    return feed.adaptation(before, _statistics(layers), training, f"torch {torch.__version__}")
+    finally:
+        feed.close()
+    return feed.adaptation(before, _statistics(layers), training, f"torch {torch.__version__}", movement)
 
 
 def _statistics(layers: dict[str, Any]) -> Statistics:
@@ -183,7 +245,7 @@ def statistics_shift(before: Statistics, after: Statistics) -> dict[str, Any]:
 
 
 def adaptation_record(
-    feed: FrameFeed, after: Statistics, training: str, shift: dict[str, Any], runtime: str
+    feed: FrameFeed, after: Statistics, training: str, shift: dict[str, Any], runtime: str, movement: list[float]
 ) -> dict[str, Any]:
     """meta.json's ``adapt_bn``: the source and frames, the layers, the estimator and the statistics' provenance."""
     import dass_deploy
@@ -197,7 +259,11 @@ def adaptation_record(
         "channels": int(sum(len(mean) for mean, _, _ in after.values())),
         "layer_names": list(after),
         "bn_training": training,
-        "estimator": ESTIMATOR,
+        "estimator": ESTIMATOR.format(passes=passes_phrase(feed.passes)),
+        "passes": feed.passes_run,
+        "exact": feed.passes == 0,
+        # per pass after the first: median |mean change| / std over all channels (0 once the chain is exact)
+        "movement": movement,
         "statistics": {
             "before": BEFORE.get(training, BEFORE["unknown"]),
             "after": f"re-estimated on these {feed.count} frames by dass {dass_deploy.__version__} with {runtime}; "
@@ -216,8 +282,21 @@ def summary_line(record: dict[str, Any]) -> str:
         f"({record['layers']} layers, {record['channels']} channels): mean shift median "
         f"{shift['mean_shift_sd']['median']:.2f} sd (most in {shift['largest_layer']['name']}: "
         f"{shift['largest_layer']['mean_shift_sd']:.2f} sd), std ratio median {shift['std_ratio']['median']:.2f} "
-        f"({shift['std_ratio']['p5']:.2f}-{shift['std_ratio']['p95']:.2f})"
+        f"({shift['std_ratio']['p5']:.2f}-{shift['std_ratio']['p95']:.2f}); {passes_text(record)}"
     )
+
+
+def passes_phrase(passes: int) -> str:
+    """``1 pass`` / ``3 passes`` / ``as many passes as it takes to change nothing (exact)`` for ``passes`` 0."""
+    return f"{passes} pass{'es' * (passes != 1)}" if passes else "as many passes as it takes to change nothing (exact)"
+
+
+def passes_text(record: dict[str, Any]) -> str:
+    """``3 passes, the last moved the means by a median 0.004 sd``: how many ran, and whether they had converged."""
+    passes, movement = record.get("passes", 1), record.get("movement") or []
+    last = f", the last moved the means by a median {movement[-1]:.3f} sd" if movement else ""
+    exact = " (exact)" if record.get("exact") else ""
+    return f"{passes} pass{'es' * (passes != 1)}{exact}{last}"
 
 
 def _notes(training: str) -> list[str]:
@@ -229,7 +308,10 @@ def _notes(training: str) -> list[str]:
         if training == "frozen"
         else "does not say whether its BatchNorm trained (a foreign or older checkpoint)"
     )
-    return [f"the checkpoint {why}; whether re-estimating helps such a model is not measured yet (docs/ADAPT_BN.md)"]
+    return [
+        f"the checkpoint {why}; whether re-estimating helps such a model is not measured yet with this estimator "
+        "(the one before it made two frozen-BN models worse on a new camera, one seed; docs/ADAPT_BN.md)"
+    ]
 
 
 def card_lines(record: dict[str, Any]) -> list[str]:
@@ -245,7 +327,7 @@ def card_lines(record: dict[str, Any]) -> list[str]:
         "",
         f"- Replaced: {record['statistics']['before']}.",
         f"- Now: {record['statistics']['after']}.",
-        f"- Estimator: {record['estimator']}.",
+        f"- Estimator: {record['estimator']}; {passes_text(record)}.",
         f"- Frames fingerprint (sha256 of the resized RGB frames in reading order): `{record['frames_sha256']}`.",
         f"- Shift: mean moved by a median {shift['mean_shift_sd']['median']:.2f} old standard deviations "
         f"(95th percentile {shift['mean_shift_sd']['p95']:.2f}; most in `{shift['largest_layer']['name']}`, "
@@ -275,7 +357,13 @@ def model_card(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def adapt_torch_backend(backend: Any, frames: AdaptFrames, size: tuple[int, int] | None, progress: bool) -> Adaptation:
+def adapt_torch_backend(
+    backend: Any,
+    frames: AdaptFrames,
+    size: tuple[int, int] | None,
+    progress: bool,
+    passes: int = DEFAULT_ADAPT_PASSES,
+) -> Adaptation:
     """``dass-segment --checkpoint CKPT --adapt-bn SOURCE``: adapt the torch backend's network in place, through
     the backend's own input preparation (colour order, mean, std, device), at the size inference will run at."""
     from dass_deploy.backends.torch_backend import TorchBackend
@@ -283,4 +371,4 @@ def adapt_torch_backend(backend: Any, frames: AdaptFrames, size: tuple[int, int]
     if not isinstance(backend, TorchBackend):
         raise DeployError(f"--adapt-bn re-estimates statistics in PyTorch: it needs --checkpoint, not {backend.name}")
     training = bn_training(backend.checkpoint_meta)
-    return adapt_bn(backend.network, frames, size, backend.prepare, training=training, progress=progress)
+    return adapt_bn(backend.network, frames, size, backend.prepare, training=training, progress=progress, passes=passes)

@@ -1,13 +1,14 @@
 """``dass-segment --model M --adapt-bn SOURCE`` without PyTorch: the BatchNorm statistics of an exported model whose
 BatchNormalization nodes were kept (``dass-export --keep-bn``) re-estimated with ONNX Runtime and numpy.
 
-The estimate is the one ``dass_train.bn_statistics`` makes in PyTorch, one frame per run. A copy of the graph
-replaces each BatchNormalization by what a BN layer does in train mode: normalise with the frame's own channel
-mean and (biased) variance; it also hands those statistics out as extra outputs. Their average over the frames
-(the mean, and the unbiased variance, as PyTorch's ``momentum=None`` keeps them) is written into the model's own
-BatchNormalization nodes, each given fresh mean and variance tensors (the exporter deduplicates equal tensors, so a
-BN node's statistics may share storage with another node's scale). ONNX Runtime folds the nodes into the
-convolutions when it loads the model.
+The estimate is the one ``dass_train.bn_statistics.population_bn_statistics`` makes in PyTorch, one frame per run,
+in the same passes. For pass 1 a copy of the graph replaces each BatchNormalization by what a BN layer does in train
+mode: normalise with the frame's own channel mean and (biased) variance. For every later pass a copy keeps the
+nodes, reading the last pass's statistics. Either copy also hands out each node's input mean and variance per
+frame as extra outputs; pooled over the frames (the mean, and the unbiased variance of every pixel of every frame)
+they are written into the model's own BatchNormalization nodes, each given fresh mean and variance tensors (the
+exporter deduplicates equal tensors, so a BN node's statistics may share storage with another node's scale). ONNX
+Runtime folds the nodes into the convolutions when it loads the model.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from dass_deploy.adapt_bn import Adaptation, FrameFeed, Statistics
-from dass_deploy.adapt_frames import AdaptFrames
+from dass_deploy.adapt_bn import Adaptation, FrameFeed, Statistics, statistics_movement
+from dass_deploy.adapt_frames import DEFAULT_ADAPT_PASSES, AdaptFrames
 from dass_deploy.errors import DeployError
 
 AXES = [0, 2, 3]  # every axis but the channel: the statistics of BatchNorm over a batch of [N,C,H,W]
@@ -91,9 +92,12 @@ def _reduce_mean(x: str, out: str, opset: int, axes_name: str) -> Any:
     return helper.make_node("ReduceMean", [x], [out], axes=AXES, keepdims=1)
 
 
-def statistics_model(model: Any, nodes: list[BatchNormNode]) -> tuple[Any, list[tuple[str, str, str]]]:
-    """A copy of ``model`` whose BatchNormalization nodes normalise with the batch's own statistics (train mode)
-    and output them: returns the model and, per node, the names of its (mean, biased variance, input shape)."""
+def statistics_model(
+    model: Any, nodes: list[BatchNormNode], train_mode: bool = True
+) -> tuple[Any, list[tuple[str, str, str]]]:
+    """A copy of ``model`` that outputs each BatchNormalization node's input statistics per run: returns the model
+    and, per node, the names of its (mean, biased variance, input shape). ``train_mode``: the nodes are replaced by
+    a normalisation with the batch's own statistics, as BatchNorm in train mode; otherwise they stay as they are."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -106,8 +110,9 @@ def statistics_model(model: Any, nodes: list[BatchNormNode]) -> tuple[Any, list[
     new_nodes = []
     for index, node in enumerate(graph.node):
         bn = replaced.get(index)
-        if bn is None:
+        if bn is None or not train_mode:
             new_nodes.append(node)
+        if bn is None:
             continue
         p = f"adapt_bn/{len(outputs)}/"
         shape4 = (1, -1, 1, 1)
@@ -123,13 +128,16 @@ def statistics_model(model: Any, nodes: list[BatchNormNode]) -> tuple[Any, list[
             helper.make_node("Sub", [bn.x, p + "mean"], [p + "centred"]),
             helper.make_node("Mul", [p + "centred", p + "centred"], [p + "squared"]),
             _reduce_mean(p + "squared", p + "var", opset, axes_name),
-            helper.make_node("Add", [p + "var", p + "eps"], [p + "var_eps"]),
-            helper.make_node("Sqrt", [p + "var_eps"], [p + "std"]),
-            helper.make_node("Div", [p + "centred", p + "std"], [p + "normalised"]),
-            helper.make_node("Mul", [p + "normalised", p + "scale"], [p + "scaled"]),
-            helper.make_node("Add", [p + "scaled", p + "bias"], [node.output[0]]),
             helper.make_node("Shape", [bn.x], [p + "shape"]),
         ]
+        if train_mode:
+            new_nodes += [
+                helper.make_node("Add", [p + "var", p + "eps"], [p + "var_eps"]),
+                helper.make_node("Sqrt", [p + "var_eps"], [p + "std"]),
+                helper.make_node("Div", [p + "centred", p + "std"], [p + "normalised"]),
+                helper.make_node("Mul", [p + "normalised", p + "scale"], [p + "scaled"]),
+                helper.make_node("Add", [p + "scaled", p + "bias"], [node.output[0]]),
+            ]
         outputs.append((p + "mean", p + "var", p + "shape"))
     del graph.node[:]
     graph.node.extend(new_nodes)
@@ -144,26 +152,60 @@ def statistics_model(model: Any, nodes: list[BatchNormNode]) -> tuple[Any, list[
     return stats, outputs
 
 
-def estimate_statistics(model: Any, nodes: list[BatchNormNode], feed: FrameFeed, providers: list[str]) -> Statistics:
-    """The cumulative average over ``feed``'s frames (one per run) of each node's input mean and unbiased variance."""
+def pooled_pass(
+    model: Any, nodes: list[BatchNormNode], frames: Any, providers: list[str], train_mode: bool
+) -> Statistics:
+    """One pass: each node's input mean and unbiased variance pooled over every pixel of every frame (float64)."""
     import onnxruntime as ort
 
     from dass_deploy.backends.onnxruntime import session_options
 
-    stats, outputs = statistics_model(model, nodes)
+    stats, outputs = statistics_model(model, nodes, train_mode)
     session = ort.InferenceSession(stats.SerializeToString(), sess_options=session_options(), providers=providers)
     names = [name for triple in outputs for name in triple]
     input_name = session.get_inputs()[0].name
     sums = [np.zeros((2, len(n.mean)), dtype=np.float64) for n in nodes]
-    for x in feed:
+    counts = [0] * len(nodes)
+    for x in frames:
         values = session.run(names, {input_name: x})
         for k, total in enumerate(sums):
-            mean, var, shape = values[3 * k : 3 * k + 3]
-            count = int(np.prod(shape)) // int(shape[1])  # values per channel: N*H*W
-            total[0] += mean.reshape(-1)
-            total[1] += var.reshape(-1) * count / max(count - 1, 1)  # unbiased, as BatchNorm's running_var
-    frames = max(feed.count, 1)
-    return {n.layer: (s[0] / frames, s[1] / frames, n.eps) for n, s in zip(nodes, sums, strict=True)}
+            mean, var, shape = (v.astype(np.float64) for v in values[3 * k : 3 * k + 3])
+            n = int(np.prod(shape)) // int(shape[1])  # values per channel: N*H*W
+            counts[k] += n
+            total[0] += n * mean.reshape(-1)
+            total[1] += n * (var.reshape(-1) + mean.reshape(-1) ** 2)
+    result = {}
+    for node, total, n in zip(nodes, sums, counts, strict=True):
+        mean = total[0] / n
+        var = np.maximum(total[1] / n - mean**2, 0) * (n / (n - 1))
+        result[node.layer] = (mean, var, node.eps)
+    return result
+
+
+def estimate_statistics(
+    model: Any, nodes: list[BatchNormNode], feed: FrameFeed, providers: list[str]
+) -> tuple[Statistics, list[float]]:
+    """The population statistics of ``population_bn_statistics`` in ``feed.passes`` passes over its frames (one
+    per run; 0: until a pass changes nothing); returns them and how far each pass after the first moved them."""
+    estimate = pooled_pass(model, nodes, feed.pass_frames(0), providers, train_mode=True)
+    movement = []
+    for index in range(1, feed.passes or len(nodes) + 1):
+        now = pooled_pass(with_statistics(model, nodes, estimate), nodes, feed.pass_frames(index), providers, False)
+        movement.append(statistics_movement(estimate, now))
+        estimate, previous = now, estimate
+        if not feed.passes and _converged(previous, now):
+            break
+    return estimate, movement
+
+
+def _converged(before: Statistics, after: Statistics) -> bool:
+    """``dass_train.bn_statistics.converged`` in numpy: no change beyond float rounding (1e-5)."""
+    for name, (mean, var, _) in after.items():
+        old_mean, old_var, _ = before[name]
+        var = np.maximum(var, 1e-12)
+        if (np.abs(mean - old_mean) / np.sqrt(var)).max() > 1e-5 or (np.abs(var - old_var) / var).max() > 1e-5:
+            return False
+    return True
 
 
 def with_statistics(model: Any, nodes: list[BatchNormNode], statistics: Statistics) -> Any:
@@ -199,8 +241,10 @@ def adapt_onnx_model(
     size: tuple[int, int] | None,
     providers: list[str],
     progress: bool = True,
+    passes: int = DEFAULT_ADAPT_PASSES,
 ) -> tuple[Any, Adaptation]:
-    """Re-estimate the statistics of the exported model at ``onnx_path`` on ``frames`` at ``size``; returns the
+    """Re-estimate the statistics of the exported model at ``onnx_path`` on ``frames`` at ``size`` in ``passes``
+    passes; returns the
     adapted ``onnx.ModelProto`` (not saved) and what was done. A model without BatchNormalization nodes (folded at
     export) is a one-line ``DeployError`` that says how to export one."""
     import onnx
@@ -214,11 +258,13 @@ def adapt_onnx_model(
             "re-estimated without PyTorch; export it with dass-export --keep-bn, or use --checkpoint CKPT --adapt-bn"
         )
     before = {n.layer: (n.mean.astype(np.float64), n.var.astype(np.float64), n.eps) for n in nodes}
-    feed = FrameFeed(frames, size, progress)
-    after = estimate_statistics(model, nodes, feed, providers)
-    feed.check()
+    feed = FrameFeed(frames, size, progress, passes)
+    try:
+        after, movement = estimate_statistics(model, nodes, feed, providers)
+    finally:
+        feed.close()
     training = ((meta.get("export") or {}).get("batchnorm") or {}).get("training", "unknown")
-    adaptation = feed.adaptation(before, after, training, f"onnxruntime {ort.__version__}")
+    adaptation = feed.adaptation(before, after, training, f"onnxruntime {ort.__version__}", movement)
     return with_statistics(model, nodes, after), adaptation
 
 
@@ -229,6 +275,7 @@ def adapt_exported_model(
     device: str = "cpu",
     threads: int | None = None,
     progress: bool = True,
+    passes: int = DEFAULT_ADAPT_PASSES,
 ) -> tuple[Any, Adaptation]:
     """``dass-segment --model M --adapt-bn SOURCE``: an ONNX Runtime backend running M with statistics re-estimated
     on ``frames`` at ``size`` (default: the model's input size), in memory; nothing is written."""
@@ -239,7 +286,7 @@ def adapt_exported_model(
     if info.onnx_path is None:
         raise DeployError(f"{info.path}: no ONNX model to adapt (1/model.onnx)")
     model, adaptation = adapt_onnx_model(
-        info.onnx_path, info.meta, frames, size or info.input_size, providers_for(device), progress
+        info.onnx_path, info.meta, frames, size or info.input_size, providers_for(device), progress, passes
     )
     backend = OnnxRuntimeBackend(info, device=device, threads=threads, model=model.SerializeToString())
     backend.meta = {**info.meta, "adapt_bn": adaptation.record}

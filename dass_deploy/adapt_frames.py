@@ -24,6 +24,10 @@ MIN_ADAPT_FRAMES = 16
 #: The count behind the only measured gain: ``dass-train eval --target-bn`` re-estimated on 256 target images
 #: (17.71 -> 29.94 mIoU over three seeds, benchmarks/results/table3_seeds.json). docs/ADAPT_BN.md.
 DEFAULT_ADAPT_FRAMES = 256
+#: Passes of the population estimate (``dass_train.bn_statistics.population_bn_statistics``; 0: exact, until a pass
+#: changes nothing). One: on the selection models the passes in between fell far below it, and exact costs about
+#: one pass per BatchNorm layer (benchmarks/results/adapt_bn_passes.md, docs/ADAPT_BN.md).
+DEFAULT_ADAPT_PASSES = 1
 #: Skipped inputs listed by name in meta.json (the count is always there).
 MAX_LISTED_SKIPS = 10
 

@@ -26,6 +26,8 @@ from dass_deploy.cli_common import (
     Signals,
     adapt_frames_option,
     adapt_frames_value,
+    adapt_passes_option,
+    adapt_passes_value,
     fail,
     finish,
     require_extra,
@@ -171,6 +173,7 @@ def _save_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
     "exported with --keep-bn (docs/ADAPT_BN.md).",
 )
 @adapt_frames_option
+@adapt_passes_option
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs in --out.")
 @click.option(
     "--threads", type=click.IntRange(min=1), help="CPU threads for the runtime (default: one per physical core)."
@@ -229,6 +232,7 @@ def segment(ctx: click.Context, **params: object) -> None:
     if not args.benchmark and not args.sources:
         raise click.UsageError("give at least one SOURCE (or --benchmark)")
     args.adapt_frames = adapt_frames_value(args.adapt_bn, args.adapt_frames)
+    args.adapt_passes = adapt_passes_value(args.adapt_bn, args.adapt_passes)
     if args.adapt_bn is not None and args.benchmark:
         raise click.UsageError("--adapt-bn is not used with --benchmark")
     if args.adapt_bn is not None and not args.checkpoint and args.backend not in ("auto", "onnxruntime"):
@@ -340,13 +344,19 @@ def _segmenter(args: argparse.Namespace, frames: AdaptFrames | None) -> Segmente
         from dass_deploy.adapt_bn import adapt_torch_backend
 
         seg = Segmenter(args.checkpoint, backend=args.backend, **options)
-        adaptation = adapt_torch_backend(seg.backend, frames, seg.size, progress=not args.quiet)
+        adaptation = adapt_torch_backend(seg.backend, frames, seg.size, not args.quiet, args.adapt_passes)
     else:
         from dass_deploy.adapt_bn_onnx import adapt_exported_model
         from dass_deploy.repository import default_model_dir
 
         backend, adaptation = adapt_exported_model(
-            args.model or default_model_dir(), frames, parse_size(args.size), args.device, args.threads, not args.quiet
+            args.model or default_model_dir(),
+            frames,
+            parse_size(args.size),
+            args.device,
+            args.threads,
+            not args.quiet,
+            args.adapt_passes,
         )
         seg = Segmenter(backend, **options)
     print(adaptation.summary)

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 import rich_click as click
 
-from dass_deploy.adapt_frames import DEFAULT_ADAPT_FRAMES, MIN_ADAPT_FRAMES
+from dass_deploy.adapt_frames import DEFAULT_ADAPT_FRAMES, DEFAULT_ADAPT_PASSES, MIN_ADAPT_FRAMES
 from dass_train.extras import MISSING_EXTRA_EXIT, missing_extra
 
 OK, SOME_FAILED, USAGE, INTERRUPTED, TERMINATED = 0, 1, 2, 130, 143
@@ -132,8 +132,44 @@ adapt_frames_option = click.option(
 )
 
 
+#: ``--adapt-passes``: the passes of the population estimate (``dass_train.bn_statistics``).
+class _Passes(click.ParamType):
+    """A count of passes (>= 1) or ``exact`` (0: until a pass changes nothing)."""
+
+    name = "passes"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        if text == "exact":
+            return 0
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+        self.fail(f"{value!r} is not a number of passes (1, 2, ...) or 'exact'", param, ctx)
+
+
+adapt_passes_option = click.option(
+    "--adapt-passes",
+    type=_Passes(),
+    default=None,
+    metavar="P|exact",
+    help="--adapt-bn: passes over the frames, each a forward pass per frame. 1: the statistics pooled over all "
+    "frames while each frame is normalised by its own (AdaBN); exact: repeated in eval mode until nothing changes "
+    "(at most one pass per BatchNorm layer), the statistics inference meets. Counts in between are worse than "
+    f"either (docs/ADAPT_BN.md). [default: {DEFAULT_ADAPT_PASSES}]",
+)
+
+
 def adapt_frames_value(adapt_bn: str | None, adapt_frames: int | None) -> int:
     """``--adapt-frames`` or its default; given without ``--adapt-bn`` it is a usage error."""
     if adapt_frames is not None and adapt_bn is None:
         raise click.UsageError("--adapt-frames is only used with --adapt-bn SOURCE")
     return DEFAULT_ADAPT_FRAMES if adapt_frames is None else adapt_frames
+
+
+def adapt_passes_value(adapt_bn: str | None, adapt_passes: int | None) -> int:
+    """``--adapt-passes`` or its default; given without ``--adapt-bn`` it is a usage error."""
+    if adapt_passes is not None and adapt_bn is None:
+        raise click.UsageError("--adapt-passes is only used with --adapt-bn SOURCE")
+    return DEFAULT_ADAPT_PASSES if adapt_passes is None else adapt_passes

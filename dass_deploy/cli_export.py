@@ -16,6 +16,8 @@ from dass_deploy.cli_common import (
     Signals,
     adapt_frames_option,
     adapt_frames_value,
+    adapt_passes_option,
+    adapt_passes_value,
     fail,
     finish,
     require_extra,
@@ -143,6 +145,7 @@ def _name_option(ctx: click.Context, param: click.Parameter, value: str | None) 
     "record it (docs/ADAPT_BN.md).",
 )
 @adapt_frames_option
+@adapt_passes_option
 @click.option(
     "--keep-bn",
     is_flag=True,
@@ -174,6 +177,7 @@ def export(**args: object) -> None:
     """
     quiet = bool(args.pop("quiet"))
     args["adapt_frames"] = adapt_frames_value(args["adapt_bn_source"], args["adapt_frames"])
+    args["adapt_passes"] = adapt_passes_value(args["adapt_bn_source"], args["adapt_passes"])
     keep = args.pop("int8_keep_float")
     if keep is not None:  # None: the default of the chosen quantiser
         keep = () if keep.strip().lower() == "none" else tuple(k.strip() for k in keep.split(",") if k.strip())

@@ -73,6 +73,7 @@ FIELDS: dict[str, tuple[bool, Check]] = {
     "adapt_bn": (False, lambda v: None if v is None or isinstance(v, dict) else "must be an object or null"),
     "adapt_bn.frames": (False, _positive_int),
     "adapt_bn.layers": (False, _positive_int),
+    "adapt_bn.passes": (False, _positive_int),
 }
 
 _MISSING = object()

@@ -131,7 +131,9 @@ def test_meta_json_and_model_card_record_the_adaptation(adapted, camera, ckpt):
         m.num_features for m in batchnorm_layers(deeplab_v2(19, "resnet18"), True).values()
     )
     assert record["bn_training"] == "trainable" and "accumulated in training" in record["statistics"]["before"]
-    assert "momentum=None" in record["estimator"] and "re-estimated on these 20 frames" in record["statistics"]["after"]
+    assert record["estimator"].startswith("population statistics") and "in 1 pass over" in record["estimator"]
+    assert record["passes"] == 1 and record["movement"] == [] and record["exact"] is False
+    assert "re-estimated on these 20 frames" in record["statistics"]["after"]
     digest = hashlib.sha256()
     for rgb in _read_rgb(camera):
         digest.update(f"{rgb.shape}".encode() + rgb.tobytes())
@@ -145,17 +147,65 @@ def test_meta_json_and_model_card_record_the_adaptation(adapted, camera, ckpt):
     assert record["frames_sha256"] in card
 
 
-def test_statistics_are_the_mean_of_per_frame_statistics(ckpt, camera):
-    """The estimator the docs state, checked by hand on the first layer: running_mean is the mean over frames of
-    each frame's channel means, running_var the mean of each frame's unbiased channel variances."""
-    model, meta, _ = load_model(ckpt)
-    graph = ExportGraph(model, meta["normalization"]).eval()
-    frames = torch.from_numpy(np.stack([f.transpose(2, 0, 1) for f in _read_rgb(camera)]).astype(np.float32))
+def _eval_input_statistics(model: torch.nn.Module, forward, frames: torch.Tensor) -> dict[str, tuple]:
+    """By hand: each BN layer's input over every pixel of every frame, the model in eval mode as it stands, frames
+    one at a time: (mean, unbiased variance) per layer name."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, a, n=n: seen.setdefault(n, []).append(a[0].double()))
+        for n, m in layers.items()
+    ]
+    model.eval()
     with torch.no_grad():
-        x = model.conv1((frames[:, graph.perm] - graph.mean) * graph.inv_std)  # bn1's input, frame by frame
-    adapt_bn(model, open_adapt_frames(str(camera)), (H, W), torch.from_numpy, forward=graph, progress=False)
-    torch.testing.assert_close(model.bn1.running_mean, x.mean(dim=(2, 3)).mean(0), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(model.bn1.running_var, x.var(dim=(2, 3), unbiased=True).mean(0), rtol=1e-4, atol=1e-5)
+        for frame in frames:
+            forward(frame[None])
+    for h in hooks:
+        h.remove()
+    out = {}
+    for name, xs in seen.items():
+        x = torch.cat(xs).transpose(0, 1).reshape(xs[0].shape[1], -1)  # [C, every pixel of every frame]
+        out[name] = (x.mean(1), x.var(1, unbiased=True))
+    return out
+
+
+def _frames_tensor(camera: Path) -> torch.Tensor:
+    return torch.from_numpy(np.stack([f.transpose(2, 0, 1) for f in _read_rgb(camera)]).astype(np.float32))
+
+
+def test_statistics_are_the_population_statistics_inference_meets(ckpt, camera):
+    """The estimator the docs state, checked by hand: after P passes, the first P BatchNorm layers hold the mean
+    and variance of their input over every pixel of every frame with the model in eval mode, as inference meets
+    it (the first layer after one pass, the spread of the frame means included); one more pass leaves them."""
+    frames = _frames_tensor(camera)
+    for passes in (1, 3, 0):  # 0: exact
+        model, meta, _ = load_model(ckpt)
+        graph = ExportGraph(model, meta["normalization"]).eval()
+        done = adapt_bn(
+            model, open_adapt_frames(str(camera)), (H, W), torch.from_numpy, forward=graph, progress=False,
+            passes=passes,
+        )  # fmt: skip
+        ran = done.record["passes"]
+        assert len(done.record["movement"]) == ran - 1 and done.record["exact"] == (passes == 0)
+        assert ran == passes if passes else 2 < ran <= len(batchnorm_layers(model, include_frozen=True)) + 1
+        truth = _eval_input_statistics(model, graph, frames)
+        names = list(batchnorm_layers(model, include_frozen=True))
+        for name in names[: passes or len(names)]:  # exact: every layer
+            bn = dict(model.named_modules())[name]
+            mean, var = truth[name]
+            torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-4, atol=1e-4 * float(var.max()) ** 0.5)
+            torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-3, atol=1e-6)
+        if passes == 1:  # not the average of per-frame variances: that misses the spread of the frame means
+            with torch.no_grad():
+                x = model.conv1((frames[:, graph.perm] - graph.mean) * graph.inv_std)
+            per_frame = x.var(dim=(2, 3), unbiased=False).mean(0)
+            gap = model.bn1.running_var / per_frame - 1
+            assert gap.min() > 0 and gap.max() > 0.01
+        elif passes == 3:  # the passes after the first moved the statistics, and say by how much
+            assert all(m > 0 for m in done.record["movement"])
+            assert "3 passes, the last moved the means by a median" in done.summary
+        else:
+            assert f"{ran} passes (exact), the last moved the means by a median 0.000 sd" in done.summary
 
 
 def test_statistics_do_not_depend_on_frame_order(ckpt, camera, tmp_path):
@@ -390,3 +440,40 @@ def test_runtime_adaptation_needs_kept_batchnorm_and_onnxruntime(adapted, kept, 
     with pytest.raises(DeployError, match="--keep-bn keeps float32"):
         export_model(ckpt, out=tmp_path / "m", keep_bn=True, fp16=True, progress=False)
     assert not (tmp_path / "m").exists()
+
+
+def test_exact_passes_agree_between_pytorch_and_onnx_runtime(kept, ckpt, camera):
+    """``--adapt-passes exact`` without PyTorch stops where PyTorch stops, with the same statistics."""
+    from dass_deploy.adapt_bn_onnx import adapt_onnx_model
+
+    meta = json.loads((kept / "meta.json").read_text())
+    proto, done = adapt_onnx_model(
+        kept / "1" / "model.onnx", meta, open_adapt_frames(str(camera)), (H, W), ["CPUExecutionProvider"], False, 0
+    )
+    model, ckpt_meta, _ = load_model(ckpt)
+    graph = ExportGraph(model, ckpt_meta["normalization"]).eval()
+    torch_done = adapt_bn(
+        model, open_adapt_frames(str(camera)), (H, W), torch.from_numpy, forward=graph, progress=False, passes=0
+    )
+    assert done.record["exact"] and torch_done.record["exact"]
+    assert abs(done.record["passes"] - torch_done.record["passes"]) <= 1  # float rounding may take one more
+    layers = dict(model.named_modules())
+    for node in batchnorm_nodes(proto):
+        bn = layers[node.layer]
+        scale = float(bn.running_var.max()) ** 0.5
+        np.testing.assert_allclose(node.mean, bn.running_mean.numpy(), rtol=1e-3, atol=1e-4 * scale)
+        np.testing.assert_allclose(node.var, bn.running_var.numpy(), rtol=1e-3, atol=1e-6)
+
+
+def test_adapt_passes_option(ckpt, camera, tmp_path, capsys):
+    image = str(sorted(camera.glob("*.png"))[0])
+    base = [image, "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), "--quiet"]
+    for argv in ([*base, "--adapt-passes", "2"], [*base, "--adapt-bn", str(camera), "--adapt-passes", "0"]):
+        with pytest.raises(SystemExit) as exc:  # without --adapt-bn; not a count: usage errors
+            segment_main(argv)
+        assert exc.value.code == 2
+    err = " ".join(capsys.readouterr().err.replace("│", " ").split())  # click's error box, unwrapped
+    assert "--adapt-passes is only used with --adapt-bn" in err and "'0' is not a number of passes" in err
+    assert not (tmp_path / "o").exists()
+    assert segment_main([*base, "--adapt-bn", str(camera), "--adapt-passes", "exact"]) == 0
+    assert "passes (exact)" in capsys.readouterr().out

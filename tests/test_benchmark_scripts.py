@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import subprocess_env
 
+from dass_deploy.adapt_frames import DEFAULT_ADAPT_PASSES
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for p in (REPO / "benchmarks").rglob("*.py") if p.name != "machine.py")
 
@@ -140,7 +142,8 @@ def test_adapt_bn_tiny_run(tmp_path):
         (adapted,) = m["adapted"]
         assert adapted["frames"] == 16 and adapted["seconds"] > 0 and 0.0 <= adapted["newcamera"] <= 1.0
         assert adapted["shift"]["mean_shift_sd"]["median"] > 0  # the statistics did move
-        assert m["batches_of_8"]["frames"] == 16
+        assert m["passes"] == DEFAULT_ADAPT_PASSES and len(adapted["movement"]) == DEFAULT_ADAPT_PASSES - 1
+        assert m["batches_of_8"]["frames"] == 16 and m["per_frame_average"]["frames"] == 16
     summary = json.loads((out / "adapt_bn.json").read_text())
     assert summary["seeds"] == [0] and [m["model"] for m in summary["models"]] == ["source-only", "paper-bida"]
     gain = summary["models"][0]["adapted"][0]["newcamera_gain"]
@@ -170,6 +173,20 @@ def test_adapt_bn_tiny_run(tmp_path):
     (adapted,) = keep["adaptation"]
     assert adapted["same_frames"] and adapted["label_agreement"] > 0.99 and adapted["onnxruntime_s"] > 0
     assert "kept / folded" in (out / "keep_bn.md").read_text()
+
+    # the passes of the estimate, chosen on a selection camera (seed 600), for the same tiny checkpoint
+    words = [str(ckpt), "--label", "tiny", "--frames", "16", "--max-passes", "3", "--newcamera-counts", "0,16,3"]
+    proc = run("benchmarks/adapt_bn_passes.py", *words, "--newcamera", str(tmp_path / "cameras"), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "cameras" / "newcamera-seed600").is_dir()
+    passes = json.loads((out / "adapt_bn_passes.json").read_text())
+    (model,) = passes["models"]
+    assert model["label"] == "tiny" and model["frames"] == 16 and model["bn"] == "frozen"
+    assert [e["passes"] for e in model["passes"]] == [1, 2, 3][: len(model["passes"])]
+    assert all(0.0 <= e["miou"] <= 1.0 for e in model["passes"] if "miou" in e)
+    assert "--max-passes 3" in passes["commands"][0]
+    assert passes["chosen"] in (1, 2, 3, 5, 8) if model["converged_at"] else passes["chosen"] is None
+    assert "per-frame average (old CLI)" in (out / "adapt_bn_passes.md").read_text()
 
 
 def test_synth_tables_summary_of_the_committed_seeds(tmp_path):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dass_deploy.adapt_bn import Adaptation, adapt_bn, bn_training, model_card
-from dass_deploy.adapt_frames import DEFAULT_ADAPT_FRAMES, AdaptFrames, open_adapt_frames
+from dass_deploy.adapt_frames import DEFAULT_ADAPT_FRAMES, DEFAULT_ADAPT_PASSES, AdaptFrames, open_adapt_frames
 from dass_deploy.errors import DeployError
 from dass_deploy.export.graph import (
     INPUT_NAME,
@@ -139,6 +139,7 @@ def export_model(
     int8_keep_float: Sequence[str] | None = None,
     adapt_bn_source: str | None = None,
     adapt_frames: int = DEFAULT_ADAPT_FRAMES,
+    adapt_passes: int = DEFAULT_ADAPT_PASSES,
     keep_bn: bool = False,
 ) -> ExportResult:
     """Export ``checkpoint`` to ``<out>/<name>/`` (Triton layout), check parity with torch, rename into place.
@@ -147,7 +148,7 @@ def export_model(
     Runtime's percentile calibration for TensorRT; benchmarks/results/int8.md measures the choices).
 
     ``adapt_bn_source`` (``--adapt-bn``): re-estimate every BatchNorm layer's statistics on up to ``adapt_frames``
-    frames of that source at the export size before tracing (``dass_deploy.adapt_bn``); meta.json records it as
+    frames of that source at the export size, in ``adapt_passes`` passes, before tracing (``dass_deploy.adapt_bn``); meta.json records it as
     ``adapt_bn`` and a model card (README.md) says what was done. The frames are read and the statistics estimated
     before anything is written. ``keep_bn`` (``--keep-bn``): the graph keeps its BatchNormalization nodes instead of
     folding them into the convolutions, so that ``dass-segment --model M --adapt-bn SOURCE`` can re-estimate them
@@ -209,7 +210,7 @@ def export_model(
     adaptation = None
     if frames is not None:
         step(f"re-estimating BatchNorm statistics on {frames.selection} of {frames.spec} at {height}x{width}")
-        adaptation = _adapt(model, ckpt_meta, frames, height, width, progress)
+        adaptation = _adapt(model, ckpt_meta, frames, height, width, progress, adapt_passes)
 
     created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -243,7 +244,7 @@ def export_model(
 
 
 def _adapt(
-    model: nn.Module, ckpt_meta: dict, frames: AdaptFrames, height: int, width: int, progress: bool
+    model: nn.Module, ckpt_meta: dict, frames: AdaptFrames, height: int, width: int, progress: bool, passes: int
 ) -> Adaptation:
     """``--adapt-bn``: the statistics re-estimated through the export graph's own normalisation, at the export size."""
     from dass_train.checkpoint import upsampling_align_corners
@@ -251,7 +252,7 @@ def _adapt(
     graph = ExportGraph(model, ckpt_meta["normalization"], align_corners=upsampling_align_corners(ckpt_meta))
     return adapt_bn(
         model, frames, (height, width), torch.from_numpy, forward=graph, training=bn_training(ckpt_meta),
-        progress=progress,
+        progress=progress, passes=passes,
     )  # fmt: skip
 
 
