@@ -157,17 +157,22 @@ def evaluate(seg, root: Path) -> float:
     return float(scores(evaluator.conf)["miou"])
 
 
-def per_frame_average(backend, frames_spec: str, count: int, batch: int) -> None:
-    """The variants: the estimator the CLI used before (``cumulative_bn_statistics``: the average of the batch means
-    and of the batch variances) on the same frames in batches of ``batch``."""
-    import numpy as np
-
+def read_frames(frames_spec: str, count: int) -> list:
+    """The ``count`` frames ``--adapt-bn`` would use, as the model sees them (``FrameFeed``: ``float32 [1,3,H,W]``)."""
     from dass_deploy.adapt_bn import FrameFeed
     from dass_deploy.adapt_frames import open_adapt_frames
+
+    return list(FrameFeed(open_adapt_frames(frames_spec, count), SIZE, progress=False, passes=1))
+
+
+def per_frame_average(backend, frames: list, batch: int) -> None:
+    """The variants: the estimator the CLI used before (``cumulative_bn_statistics``: the average of the batch means
+    and of the batch variances) on ``frames`` (``read_frames``) in batches of ``batch``."""
+    import numpy as np
+
     from dass_train.bn_statistics import batchnorm_layers, cumulative_bn_statistics
 
-    feed = list(FrameFeed(open_adapt_frames(frames_spec, count), SIZE, progress=False, passes=1))
-    batches = [backend.prepare(np.concatenate(feed[i : i + batch])) for i in range(0, len(feed), batch)]
+    batches = [backend.prepare(np.concatenate(frames[i : i + batch])) for i in range(0, len(frames), batch)]
     layers = list(batchnorm_layers(backend.network, include_frozen=True).values())
     cumulative_bn_statistics(backend.network, batches, layers)
 
@@ -210,9 +215,10 @@ def measure_model(key: str, ckpt: Path, seed: int, newcam: Path, target: Path, c
             }
         )
         print(f"  seed {seed} {key}: N={count} new camera {row['adapted'][-1]['newcamera']:.4f} ({seconds:.1f} s)")
+    frames = read_frames(frames_spec, counts[-1])
     for name, batch in (("per_frame_average", 1), ("batches_of_8", 8)):
         network.load_state_dict(original)
-        per_frame_average(seg.backend, frames_spec, counts[-1], batch)
+        per_frame_average(seg.backend, frames, batch)
         row[name] = {"frames": counts[-1], "newcamera": evaluate(seg, newcam)}
     network.load_state_dict(original)
     return row

@@ -35,7 +35,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adapt_bn import NEWCAMERA_COUNTS, NEWCAMERA_SEED, SIZE, _rel, evaluate, make_newcamera  # noqa: E402
+from adapt_bn import (  # noqa: E402
+    NEWCAMERA_COUNTS,
+    NEWCAMERA_SEED,
+    SIZE,
+    _rel,
+    evaluate,
+    make_newcamera,
+    per_frame_average,
+    read_frames,
+)
 
 from dass_deploy.machine import describe_machine, machine_key, machine_markdown  # noqa: E402
 
@@ -48,26 +57,16 @@ CONVERGED = 1e-6  # median movement (sd) below which a pass changed nothing
 
 
 def measure(ckpt: Path, label: str, newcam: Path, count: int, max_passes: int) -> dict:
-    import torch
-
-    from dass_deploy.adapt_bn import FrameFeed, bn_training
-    from dass_deploy.adapt_frames import open_adapt_frames
+    from dass_deploy.adapt_bn import bn_training
     from dass_deploy.segmenter import Segmenter
-    from dass_train.bn_statistics import (
-        batchnorm_layers,
-        cumulative_bn_statistics,
-        pooled_bn_pass,
-        statistics_movement,
-    )
+    from dass_train.bn_statistics import batchnorm_layers, pooled_bn_pass, statistics_movement
     from dass_train.checkpoint import file_sha256
 
     seg = Segmenter(str(ckpt), backend="torch", size=SIZE)
     backend, network = seg.backend, seg.backend.network
     original = {k: v.clone() for k, v in network.state_dict().items()}
     layers = list(batchnorm_layers(network, include_frozen=True).values())
-    frames = list(
-        FrameFeed(open_adapt_frames(str(newcam / "cityscapes" / "leftImg8bit" / "train"), count), SIZE, False)
-    )
+    frames = read_frames(str(newcam / "cityscapes" / "leftImg8bit" / "train"), count)
     xs = [backend.prepare(x) for x in frames]
     row = {
         "label": label,
@@ -78,12 +77,10 @@ def measure(ckpt: Path, label: str, newcam: Path, count: int, max_passes: int) -
         "frames": len(xs),
         "before": evaluate(seg, newcam),
     }
-    cumulative_bn_statistics(network, xs, layers)
-    row["per_frame_average"] = evaluate(seg, newcam)
-    network.load_state_dict(original)
-    cumulative_bn_statistics(network, [torch.cat(xs[i : i + 8]) for i in range(0, len(xs), 8)], layers)
-    row["batches_of_8"] = evaluate(seg, newcam)
-    network.load_state_dict(original)
+    for name, batch in (("per_frame_average", 1), ("batches_of_8", 8)):
+        per_frame_average(backend, frames, batch)
+        row[name] = evaluate(seg, newcam)
+        network.load_state_dict(original)
 
     passes, previous = [], None
     for index in range(max_passes):

@@ -119,9 +119,9 @@ class FrameFeed:
             yield _as_input(rgb)
             self.bar.update(1)
 
-    def pass_frames(self, index: int) -> Iterator[np.ndarray]:
-        """Pass ``index`` (0: reads the source)."""
-        return iter(self) if index == 0 else self.replay()
+    def pass_frames(self) -> Iterator[np.ndarray]:
+        """The next pass: the first reads the source, every later one replays what it kept."""
+        return iter(self) if self.passes_run == 0 else self.replay()
 
     def close(self) -> None:
         self.bar.close()
@@ -189,10 +189,9 @@ def adapt_bn(
     saved = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in layers.items()}
     before = _statistics(layers)
     feed = FrameFeed(frames, size, progress, passes)
-    calls = iter(range(len(layers) + 2))
 
     def batches() -> Iterator[Any]:
-        return (to_tensor(x) for x in feed.pass_frames(next(calls)))
+        return (to_tensor(x) for x in feed.pass_frames())
 
     try:
         movement = population_bn_statistics(model, batches, list(layers.values()), forward, passes)

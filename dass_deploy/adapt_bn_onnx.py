@@ -187,10 +187,10 @@ def estimate_statistics(
 ) -> tuple[Statistics, list[float]]:
     """The population statistics of ``population_bn_statistics`` in ``feed.passes`` passes over its frames (one
     per run; 0: until a pass changes nothing); returns them and how far each pass after the first moved them."""
-    estimate = pooled_pass(model, nodes, feed.pass_frames(0), providers, train_mode=True)
+    estimate = pooled_pass(model, nodes, feed.pass_frames(), providers, train_mode=True)
     movement = []
-    for index in range(1, feed.passes or len(nodes) + 1):
-        now = pooled_pass(with_statistics(model, nodes, estimate), nodes, feed.pass_frames(index), providers, False)
+    for _ in range(1, feed.passes or len(nodes) + 1):
+        now = pooled_pass(with_statistics(model, nodes, estimate), nodes, feed.pass_frames(), providers, False)
         movement.append(statistics_movement(estimate, now))
         estimate, previous = now, estimate
         if not feed.passes and _converged(previous, now):
