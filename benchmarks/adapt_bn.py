@@ -179,7 +179,7 @@ def per_frame_average(backend, frames: list, batch: int) -> None:
 
 def measure_model(key: str, ckpt: Path, seed: int, newcam: Path, target: Path, counts: list[int]) -> dict:
     from dass_deploy.adapt_bn import adapt_torch_backend, bn_training
-    from dass_deploy.adapt_frames import DEFAULT_ADAPT_PASSES, open_adapt_frames
+    from dass_deploy.adapt_frames import open_adapt_frames
     from dass_deploy.segmenter import Segmenter
     from dass_train.checkpoint import file_sha256
 
@@ -195,7 +195,6 @@ def measure_model(key: str, ckpt: Path, seed: int, newcam: Path, target: Path, c
         "bn": bn_training(seg.backend.checkpoint_meta),
         "checkpoint": _rel(ckpt),
         "sha256": file_sha256(ckpt),
-        "passes": DEFAULT_ADAPT_PASSES,
         "before": {"newcamera": evaluate(seg, newcam), "target": evaluate(seg, target)},
         "adapted": [],
     }
@@ -212,9 +211,11 @@ def measure_model(key: str, ckpt: Path, seed: int, newcam: Path, target: Path, c
                 "target": evaluate(seg, target),
                 "shift": adaptation.record["shift"],
                 "movement": adaptation.record["movement"],
+                "passes": adaptation.record["passes"],
             }
         )
         print(f"  seed {seed} {key}: N={count} new camera {row['adapted'][-1]['newcamera']:.4f} ({seconds:.1f} s)")
+    row["passes"] = row["adapted"][-1]["passes"]  # what ran (the CLI's default), as the adaptation record says
     frames = read_frames(frames_spec, counts[-1])
     for name, batch in (("per_frame_average", 1), ("batches_of_8", 8)):
         network.load_state_dict(original)

@@ -43,15 +43,36 @@ BEFORE = {
 Statistics = dict[str, tuple[np.ndarray, np.ndarray, float]]
 
 
+@dataclass(frozen=True)
+class Measured:
+    """What the new-camera benchmark measured for one kind of BatchNorm: the mIoU points ``--adapt-bn`` gained on a
+    synthetic camera no training saw (256 frames, the CLI's estimator), smallest and largest over the checkpoints."""
+
+    checkpoints: int
+    low: float
+    high: float
+    where: str
+
+
+#: The figures the warnings and the model card quote, by ``bn_training``; tests/test_adapt_bn.py recomputes each one
+#: from its results files, so a new measurement that changes them fails the suite until the text follows it.
+MEASURED = {
+    "trainable": Measured(2, 14.25, 19.15, "benchmarks/results/adapt_bn_passes.md"),
+    "frozen": Measured(3, -5.59, 1.36, "benchmarks/results/adapt_bn.md and adapt_bn_passes.md"),
+}
+
+
 @dataclass
 class Adaptation:
-    """What ``adapt_bn`` did: the meta.json record, the one-line summary, notes for the user (``note:`` lines) and
-    the first frame as the model saw it (``float32 [3,H,W]`` RGB 0..255: a real input for the export's parity check)."""
+    """What ``adapt_bn`` did: the meta.json record, the one-line summary, notes and warnings for the user
+    (``note:`` / ``warning:`` lines) and the first frame as the model saw it (``float32 [3,H,W]`` RGB 0..255: a real
+    input for the export's parity check)."""
 
     record: dict[str, Any]
     summary: str
     notes: list[str] = field(default_factory=list)
     sample: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def bn_training(ckpt_meta: dict[str, Any]) -> str:
@@ -146,7 +167,7 @@ class FrameFeed:
         """The record, summary line and notes of an estimate made on these frames in ``self.passes`` passes, each
         after the first having moved the statistics by ``movement`` (``statistics_movement``)."""
         record = adaptation_record(self, after, training, statistics_shift(before, after), runtime, movement)
-        return Adaptation(record, summary_line(record), _notes(training), self.sample)
+        return Adaptation(record, summary_line(record), _notes(training), self.sample, record["warnings"])
 
 
 def _as_input(rgb: np.ndarray) -> np.ndarray:
@@ -269,6 +290,7 @@ def adaptation_record(
             "nothing of the checkpoint's statistics is kept",
         },
         "shift": shift,
+        "warnings": _warnings(training),
     }
 
 
@@ -298,18 +320,33 @@ def passes_text(record: dict[str, Any]) -> str:
     return f"{passes} pass{'es' * (passes != 1)}{exact}{last}"
 
 
-def _notes(training: str) -> list[str]:
-    """Where the measurements do not back the adaptation yet (item 4 of issue 20 turns these into figures)."""
-    if training == "trainable":
+def _gain_text(kind: str) -> str:
+    m = MEASURED[kind]
+    return f"{m.low:+.1f} to {m.high:+.1f} mIoU over {m.checkpoints} {kind}-BN checkpoints"
+
+
+def _warnings(training: str) -> list[str]:
+    """Issue 20's honest answer: frozen-BN models are adapted as asked, but the benchmark says it does not reliably
+    help them, so the user is told so with the figures instead of finding out on the road."""
+    if training != "frozen":
         return []
-    why = (
-        "was trained with frozen BatchNorm (statistics of its initialisation, e.g. ImageNet)"
-        if training == "frozen"
-        else "does not say whether its BatchNorm trained (a foreign or older checkpoint)"
-    )
     return [
-        f"the checkpoint {why}; whether re-estimating helps such a model is not measured yet with this estimator "
-        "(the one before it made two frozen-BN models worse on a new camera, one seed; docs/ADAPT_BN.md)"
+        "this checkpoint was trained with frozen BatchNorm (the statistics of its initialisation, e.g. ImageNet), and "
+        f"re-estimating has not been shown to help such models: on a synthetic camera no training saw it changed "
+        f"them by {_gain_text('frozen')} (256 frames), against {_gain_text('trainable')} "
+        f"({MEASURED['frozen'].where}; docs/ADAPT_BN.md). Score the adapted model on labelled frames of this camera "
+        "(dass-segment --eval) before relying on it"
+    ]
+
+
+def _notes(training: str) -> list[str]:
+    """A checkpoint that does not say how its BN trained gets the figures of both kinds, as a note."""
+    if training != "unknown":
+        return []
+    return [
+        "the checkpoint does not say whether its BatchNorm trained (a foreign or older checkpoint); on a synthetic "
+        f"camera no training saw, re-estimating changed {_gain_text('trainable')} and {_gain_text('frozen')} "
+        "(256 frames; docs/ADAPT_BN.md)"
     ]
 
 
@@ -332,9 +369,10 @@ def card_lines(record: dict[str, Any]) -> list[str]:
         f"(95th percentile {shift['mean_shift_sd']['p95']:.2f}; most in `{shift['largest_layer']['name']}`, "
         f"{shift['largest_layer']['mean_shift_sd']:.2f}); standard deviation ratio new/old median "
         f"{shift['std_ratio']['median']:.2f} (5-95 %: {shift['std_ratio']['p5']:.2f}-{shift['std_ratio']['p95']:.2f}).",
-        "- Whether it helps: on the synthetic benchmark, re-estimating a trainable-BN source-only model on 256 target "
-        "images took it from 17.71 to 29.94 mIoU (three seeds); frozen-BN models and other frame counts are not "
-        "measured yet (docs/ADAPT_BN.md). No label was used, so nothing here measures this model on this camera.",
+        f"- Whether it helps: on a synthetic camera no training saw, re-estimating on 256 frames changed "
+        f"{_gain_text('trainable')} and {_gain_text('frozen')} ({MEASURED['frozen'].where}; docs/ADAPT_BN.md). "
+        "No label was used here, so nothing measures this model on this camera.",
+        *(f"- **Warning**: {warning}." for warning in record.get("warnings", [])),
         "",
     ]
 

@@ -170,7 +170,7 @@ def _save_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
     metavar="SOURCE",
     help="First re-estimate the BatchNorm statistics on unlabelled frames of SOURCE (image folder, glob, video, "
     "camera, stream) at the run size, in memory: in PyTorch with --checkpoint, with ONNX Runtime for a model "
-    "exported with --keep-bn (docs/ADAPT_BN.md).",
+    "exported with --keep-bn. Measured to help trainable-BN models; warns for frozen-BN ones (docs/ADAPT_BN.md).",
 )
 @adapt_frames_option
 @adapt_passes_option
@@ -362,6 +362,8 @@ def _segmenter(args: argparse.Namespace, frames: AdaptFrames | None) -> Segmente
     print(adaptation.summary)
     for note in adaptation.notes:
         print(f"note: {note}")
+    for warning in adaptation.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return seg
 
 

@@ -142,7 +142,7 @@ def _name_option(ctx: click.Context, param: click.Parameter, value: str | None) 
     metavar="SOURCE",
     help="Re-estimate the BatchNorm statistics on unlabelled frames of SOURCE (anything dass-segment reads: image "
     "folder, glob, video, camera, stream) at the export size before exporting; meta.json and the model card "
-    "record it (docs/ADAPT_BN.md).",
+    "record it. Measured to help trainable-BN models; warns for frozen-BN ones (docs/ADAPT_BN.md).",
 )
 @adapt_frames_option
 @adapt_passes_option
@@ -196,6 +196,8 @@ def export(**args: object) -> None:
             click.echo("interrupted (an unfinished export writes nothing)", err=True)
             finish(signals.exit_code)
     click.echo("\n".join(result.summary))
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     finish(OK)
 
 

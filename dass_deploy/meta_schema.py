@@ -74,6 +74,7 @@ FIELDS: dict[str, tuple[bool, Check]] = {
     "adapt_bn.frames": (False, _positive_int),
     "adapt_bn.layers": (False, _positive_int),
     "adapt_bn.passes": (False, _positive_int),
+    "adapt_bn.warnings": (False, lambda v: None if v == [] else _string_list(v)),  # what the CLI warned
 }
 
 _MISSING = object()

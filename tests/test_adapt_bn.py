@@ -16,10 +16,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import SAMPLES, subprocess_env
+from conftest import REPO, SAMPLES, subprocess_env
 from test_video import make_clip
 
-from dass_deploy.adapt_bn import adapt_bn, bn_training
+from dass_deploy.adapt_bn import MEASURED, adapt_bn, bn_training
 from dass_deploy.adapt_bn_onnx import batchnorm_nodes
 from dass_deploy.adapt_frames import MIN_ADAPT_FRAMES, evenly_spaced, open_adapt_frames
 from dass_deploy.backends import create_backend
@@ -145,6 +145,7 @@ def test_meta_json_and_model_card_record_the_adaptation(adapted, camera, ckpt):
     card = (model_dir / "README.md").read_text()
     assert "--adapt-bn" in card and f"{FRAMES} unlabelled frames of `{camera}`" in card
     assert record["frames_sha256"] in card
+    assert record["warnings"] == [] and "Warning" not in card  # a trainable-BN model: nothing to warn about
 
 
 def _eval_input_statistics(model: torch.nn.Module, forward, frames: torch.Tensor) -> dict[str, tuple]:
@@ -229,8 +230,9 @@ def test_statistics_do_not_depend_on_frame_order(ckpt, camera, tmp_path):
         torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-5, atol=1e-6)
 
 
-def test_frozen_bn_checkpoint_is_adapted_with_a_note(work, camera):
-    """Frozen-BN models (the gta2city recipe) are re-estimated too, and the user is told nothing measures it yet."""
+def test_frozen_bn_checkpoint_is_adapted_with_a_warning(work, camera):
+    """Frozen-BN models (the gta2city recipe) are re-estimated too, as asked, with a warning that quotes what the
+    benchmark measured for them."""
     frozen = _checkpoint(work / "frozen.pt", freeze_bn=True)
     model, meta, _ = load_model(frozen)
     assert bn_training(meta) == "frozen" and not batchnorm_layers(model)  # no layer trains in dass-train
@@ -247,8 +249,54 @@ def test_frozen_bn_checkpoint_is_adapted_with_a_note(work, camera):
     )
     assert all(not torch.equal(before[k], v) for k, v in _bn_state(model).items())
     assert result.record["layers"] == 20 and result.record["bn_training"] == "frozen"
-    assert len(result.notes) == 1 and "not measured yet" in result.notes[0]
+    frozen_gain, trainable_gain = MEASURED["frozen"], MEASURED["trainable"]
+    assert result.notes == [] and result.warnings == result.record["warnings"] and len(result.warnings) == 1
+    assert "frozen BatchNorm" in result.warnings[0] and "dass-segment --eval" in result.warnings[0]
+    for m in (frozen_gain, trainable_gain):
+        assert f"{m.low:+.1f} to {m.high:+.1f} mIoU over {m.checkpoints}" in result.warnings[0]
     assert all(not m.training for m in model.modules())  # back in eval mode
+
+
+def test_cli_warns_for_a_frozen_bn_checkpoint(work, camera, tmp_path, capsys):
+    """dass-export and dass-segment put the warning on stderr; the export also keeps it in meta.json and the card."""
+    frozen = _checkpoint(work / "frozen-cli.pt", freeze_bn=True)
+    argv = [str(frozen), "--out", str(tmp_path / "models"), "--name", "f", "--height", str(H), "--width", str(W)]
+    code, out, err = _export([*argv, "--adapt-bn", str(camera), "--quiet"], capsys)
+    assert code == 0 and "warning: this checkpoint was trained with frozen BatchNorm" in err and "warning:" not in out
+    meta = json.loads((tmp_path / "models" / "f" / "meta.json").read_text())
+    warning = meta["adapt_bn"]["warnings"][0]
+    assert f"warning: {warning}" in err
+    assert f"**Warning**: {warning}." in (tmp_path / "models" / "f" / "README.md").read_text()
+    image = str(sorted(camera.glob("*.png"))[0])
+    argv = [image, "--checkpoint", str(frozen), "--adapt-bn", str(camera), "--out", str(tmp_path / "seg"), "--quiet"]
+    assert segment_main(argv) == 0
+    out, err = capsys.readouterr()
+    assert f"warning: {warning}" in err and "warning:" not in out
+
+
+def _newcamera_gains(kind: str) -> list[float]:
+    """mIoU points --adapt-bn gained at 256 frames, one per checkpoint (and seed), as the results files hold them."""
+    results = REPO / "benchmarks" / "results"
+    passes = json.loads((results / "adapt_bn_passes.json").read_text())
+    gains = [m["passes"][0]["miou"] - m["before"] for m in passes["models"] if m["bn"] == kind]  # P = 1, the CLI's
+    for model in json.loads((results / "adapt_bn.json").read_text())["models"]:
+        if model["bn"] != [kind]:
+            continue
+        at_256 = next(a for a in model["adapted"] if a["frames"] == 256)
+        gains += [a - b for a, b in zip(at_256["newcamera"], model["before"]["newcamera"], strict=True)]
+    return [100 * g for g in gains]
+
+
+@pytest.mark.parametrize("kind", ["trainable", "frozen"])
+def test_quoted_figures_are_the_benchmarks(kind):
+    """The warning and the card quote MEASURED: it must be what the results files say, so a new seed that moves the
+    range fails here until the text follows the measurement."""
+    gains = _newcamera_gains(kind)
+    measured = MEASURED[kind]
+    assert measured.checkpoints == len(gains)
+    assert (measured.low, measured.high) == (round(min(gains), 2), round(max(gains), 2))
+    if kind == "frozen":  # the README's section says it too
+        assert f"{measured.low:+.1f} to {measured.high:+.1f}" in (REPO / "README.md").read_text()
 
 
 def test_video_frames_are_spread_evenly(tmp_path):

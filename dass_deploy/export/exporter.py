@@ -66,6 +66,7 @@ class ExportResult:
     model_dir: Path
     meta: dict
     summary: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # for stderr: what the user should know before using it
 
 
 def _validate(
@@ -482,7 +483,8 @@ def _export_into(
         summary.append(f"OpenVINO {openvino_info['openvino']} IR -> {VERSION}/{IR_FILE}")
     if trt_info:
         summary.append(f"TensorRT {trt_info['tensorrt']} plan -> {VERSION}/{PLAN_FILE} (profile {trt_info['profile']})")
-    return ExportResult(model_dir=dest, meta=meta, summary=summary)
+    warnings = adaptation.warnings if adaptation is not None else []
+    return ExportResult(model_dir=dest, meta=meta, summary=summary, warnings=warnings)
 
 
 def _batchnorm_record(model: nn.Module, graph: onnx.ModelProto, ckpt_meta: dict, keep_bn: bool) -> dict:
