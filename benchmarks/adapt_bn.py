@@ -3,6 +3,7 @@
     python benchmarks/adapt_bn.py                    # seeds 0,1,2; trains missing checkpoints; resumable
     python benchmarks/adapt_bn.py --seeds 0 --models paper-source-only,paper-bida
     python benchmarks/adapt_bn.py --summary-only     # rebuild adapt_bn.{json,md} from the seed files
+    python benchmarks/adapt_bn.py --seeds 1 --train-only  # train now, measure later with --no-train when idle
 
 Per seed S:
 
@@ -253,6 +254,8 @@ def run_seed(seed: int, keys: list[str], args: argparse.Namespace, out: Path) ->
     for key in keys:
         start = time.perf_counter()
         row = measure_model(key, checkpoint_path(key, seed, args.runs), seed, newcam, target, counts)
+        # where the recorded command (no --runs) finds it; the sha256 says which file it was wherever it lay
+        row["checkpoint"] = _rel(checkpoint_path(key, seed, None))
         record = {
             "seed": seed,
             "command": command_for(seed, key, args),
@@ -442,14 +445,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=2, help="training runs at a time for missing checkpoints")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the measurement (default: all)")
     p.add_argument("--no-train", action="store_true", help="refuse instead of training missing checkpoints")
+    p.add_argument(
+        "--train-only",
+        action="store_true",
+        help="train the missing checkpoints (and make the new camera) and stop: train on a busy machine, then "
+        "measure with --no-train on an idle one, where the seconds mean something",
+    )
     p.add_argument("--summary-only", action="store_true", help="only rebuild the summary from the seed files")
     args = p.parse_args(argv)
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     unknown = [k for k in keys if k not in MODELS]
     if unknown:
         p.error(f"--models: unknown {', '.join(unknown)} (choose from {', '.join(MODELS)})")
+    if args.train_only and (args.no_train or args.summary_only):
+        p.error("--train-only: cannot be combined with --no-train or --summary-only")
     out = Path(args.out)
     (out / "adapt_bn").mkdir(parents=True, exist_ok=True)
+    if args.train_only:
+        for seed in (int(s) for s in args.seeds.split(",") if s.strip()):
+            make_newcamera(seed, args, Path(args.runs or REPO / "runs") / "adapt_bn")
+            train_missing(keys, seed, args)
+            print(f"seed {seed}: {', '.join(_rel(checkpoint_path(k, seed, args.runs)) for k in keys)} trained")
+        return 0
     if not args.summary_only:
         for seed in (int(s) for s in args.seeds.split(",") if s.strip()):
             done = [k for k in keys if result_file(out, seed, k).is_file()]

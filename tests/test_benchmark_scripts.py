@@ -124,18 +124,26 @@ def test_adapt_bn_tiny_run(tmp_path):
     out, runs = tmp_path / "results", tmp_path / "runs"
     args = ["--seeds", "0", "--models", "source-only,paper-bida", "--frames", "16", "--newcamera-counts", "0,16,3"]
     places = ["--newcamera", str(tmp_path / "cameras"), "--runs", str(runs), "--out", str(out), "--threads", "1"]
-    proc = run("benchmarks/adapt_bn.py", *args, *places, *tiny(tmp_path / "data"))
+    # trained first and measured later (--train-only, then --no-train), as on a machine that is busy, then idle
+    refused = run("benchmarks/adapt_bn.py", *args, *places, "--no-train", *tiny(tmp_path / "data"))
+    assert refused.returncode != 0 and "--no-train: missing" in refused.stderr and not (out / "adapt_bn.json").exists()
+    proc = run("benchmarks/adapt_bn.py", *args, *places, "--train-only", *tiny(tmp_path / "data"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (runs / "tables-seed0" / "source_only" / "source_only" / "last.pt").is_file()
     assert (runs / "tables-paper-seed0" / "row4" / "adapt" / "last.pt").is_file()
     assert not (runs / "tables-seed0" / "row4").exists()  # only what --models asks for is trained
     assert len(list((tmp_path / "cameras" / "newcamera-seed500").rglob("*_leftImg8bit.png"))) == 19
+    assert not list((out / "adapt_bn").glob("*.json"))  # nothing measured
+    proc = run("benchmarks/adapt_bn.py", *args, *places, "--no-train", *tiny(tmp_path / "data"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     models = {}
     for key in ("source-only", "paper-bida"):  # one file per seed and model, with the command that remakes it
         record = json.loads((out / "adapt_bn" / f"seed0-{key}.json").read_text())
         words = ["--seeds", "0", "--models", key, *args[4:], *tiny(tmp_path / "data")]
         assert record["command"] == "python benchmarks/adapt_bn.py " + " ".join(words)
         models[key] = record["model"]
+    # recorded where the command (no --runs) finds it, whatever folder it was measured in
+    assert models["paper-bida"]["checkpoint"] == "runs/tables-paper-seed0/row4/adapt/last.pt"
     assert models["source-only"]["bn"] == "trainable" and models["paper-bida"]["bn"] == "frozen"
     for m in models.values():
         assert 0.0 <= m["before"]["newcamera"] <= 1.0 and 0.0 <= m["before"]["target"] <= 1.0
