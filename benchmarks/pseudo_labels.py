@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     name = args.name or "-".join(adapt.resolve().parts[-3:-1])
-    words = [args.adapt_dir, "--preset", args.preset, "--seed", str(args.seed), *args.overrides]
+    words = [args.adapt_dir, "--preset", args.preset, "--seed", str(args.seed)]
+    words += [*(["--name", args.name] if args.name else []), *args.overrides]  # the command remakes this very file
     result = {
         "command": "python benchmarks/pseudo_labels.py " + " ".join(shlex.quote(w) for w in words),
         "machine": describe_machine(),
