@@ -194,7 +194,8 @@ def measure_model(key: str, ckpt: Path, seed: int, newcam: Path, target: Path, c
         "label": label,
         "preset": preset,
         "bn": bn_training(seg.backend.checkpoint_meta),
-        "checkpoint": _rel(ckpt),
+        # where the recorded command (no --runs) finds it; the sha256 says which file it was wherever it lay
+        "checkpoint": _rel(checkpoint_path(key, seed, None)),
         "sha256": file_sha256(ckpt),
         "before": {"newcamera": evaluate(seg, newcam), "target": evaluate(seg, target)},
         "adapted": [],
@@ -240,22 +241,25 @@ def command_for(seed: int, key: str, args: argparse.Namespace) -> str:
     return "python benchmarks/adapt_bn.py " + " ".join(shlex.quote(w) for w in [*words, *args.overrides])
 
 
+def prepare_seed(seed: int, keys: list[str], args: argparse.Namespace) -> Path:
+    """The seed's new camera and its missing checkpoints (all that ``--train-only`` does); returns the camera."""
+    newcam = make_newcamera(seed, args, Path(args.runs or REPO / "runs") / "adapt_bn")
+    train_missing(keys, seed, args)
+    return newcam
+
+
 def run_seed(seed: int, keys: list[str], args: argparse.Namespace, out: Path) -> None:
     """Measure ``keys`` for one seed (training what is missing first), one result file per model as it finishes."""
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    log_dir = Path(args.runs or REPO / "runs") / "adapt_bn"
-    newcam = make_newcamera(seed, args, log_dir)
-    train_missing(keys, seed, args)
+    newcam = prepare_seed(seed, keys, args)
     target = target_root(seed, args.overrides)
     counts = frame_counts(args.frames)
     for key in keys:
         start = time.perf_counter()
         row = measure_model(key, checkpoint_path(key, seed, args.runs), seed, newcam, target, counts)
-        # where the recorded command (no --runs) finds it; the sha256 says which file it was wherever it lay
-        row["checkpoint"] = _rel(checkpoint_path(key, seed, None))
         record = {
             "seed": seed,
             "command": command_for(seed, key, args),
@@ -461,14 +465,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--train-only: cannot be combined with --no-train or --summary-only")
     out = Path(args.out)
     (out / "adapt_bn").mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if args.train_only:
-        for seed in (int(s) for s in args.seeds.split(",") if s.strip()):
-            make_newcamera(seed, args, Path(args.runs or REPO / "runs") / "adapt_bn")
-            train_missing(keys, seed, args)
+        for seed in seeds:
+            prepare_seed(seed, keys, args)
             print(f"seed {seed}: {', '.join(_rel(checkpoint_path(k, seed, args.runs)) for k in keys)} trained")
         return 0
     if not args.summary_only:
-        for seed in (int(s) for s in args.seeds.split(",") if s.strip()):
+        for seed in seeds:
             done = [k for k in keys if result_file(out, seed, k).is_file()]
             for key in done:
                 print(f"seed {seed} {key}: done ({_rel(result_file(out, seed, key))}), skipped")

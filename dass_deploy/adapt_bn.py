@@ -72,7 +72,11 @@ class Adaptation:
     summary: str
     notes: list[str] = field(default_factory=list)
     sample: np.ndarray | None = None
-    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        """The record's warnings: meta.json and the CLI's stderr say the same thing."""
+        return self.record["warnings"]
 
 
 def bn_training(ckpt_meta: dict[str, Any]) -> str:
@@ -167,7 +171,7 @@ class FrameFeed:
         """The record, summary line and notes of an estimate made on these frames in ``self.passes`` passes, each
         after the first having moved the statistics by ``movement`` (``statistics_movement``)."""
         record = adaptation_record(self, after, training, statistics_shift(before, after), runtime, movement)
-        return Adaptation(record, summary_line(record), _notes(training), self.sample, record["warnings"])
+        return Adaptation(record, summary_line(record), _notes(training), self.sample)
 
 
 def _as_input(rgb: np.ndarray) -> np.ndarray:
