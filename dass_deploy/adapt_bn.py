@@ -181,9 +181,12 @@ def _as_input(rgb: np.ndarray) -> np.ndarray:
 
 def statistics_movement(before: Statistics, after: Statistics) -> float:
     """How far a pass moved the statistics: the median over all channels of ``|mean change| / new std`` (the same
-    figure as ``dass_train.bn_statistics.statistics_movement``, in numpy for the runtime-only path)."""
-    shift = [np.abs(after[n][0] - before[n][0]) / np.sqrt(np.maximum(after[n][1], 1e-12)) for n in before]
-    return float(np.median(np.concatenate(shift)))
+    figure as ``dass_train.bn_statistics.statistics_movement``, in numpy for the runtime-only path). The lower median,
+    as ``torch.median`` takes it: ``np.median`` would average the middle two of an even count."""
+    shift = np.sort(
+        np.concatenate([np.abs(after[n][0] - before[n][0]) / np.sqrt(np.maximum(after[n][1], 1e-12)) for n in before])
+    )
+    return float(shift[(shift.size - 1) // 2])
 
 
 def adapt_bn(

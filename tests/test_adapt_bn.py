@@ -525,3 +525,31 @@ def test_adapt_passes_option(ckpt, camera, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     assert segment_main([*base, "--adapt-bn", str(camera), "--adapt-passes", "exact"]) == 0
     assert "passes (exact)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change", [0.0, 2e-6, 3e-5, 1e-2])
+def test_convergence_twins_agree(change):
+    """The torch-free runtime repeats ``dass_train.bn_statistics``' stopping test and movement figure in numpy: both
+    must stop at the same pass, whichever side of the 1e-5 rounding bound a pass's change falls, and record the same
+    movement (an even number of channels: a median convention that differs would show)."""
+    from dass_deploy.adapt_bn import statistics_movement as np_movement
+    from dass_deploy.adapt_bn_onnx import _converged as np_converged
+    from dass_train.bn_statistics import converged, statistics_movement
+
+    def as_np(stats):
+        return {f"layer{i}": (m, v, 1e-5) for i, (m, v) in enumerate(stats)}
+
+    def as_torch(stats):
+        return [(torch.from_numpy(m), torch.from_numpy(v)) for m, v in stats]
+
+    rng = np.random.default_rng(0)
+    before = [(rng.normal(0, 2, n), rng.uniform(0.01, 4.0, n)) for n in (64, 128, 256)]
+    # one channel of the last layer moves its mean by `change` sd, another its variance by `change` of itself
+    after = [(m.copy(), v.copy()) for m, v in before]
+    after[-1][0][3] += change * np.sqrt(after[-1][1][3])
+    after[-1][1][7] *= 1 + change
+    assert np_converged(as_np(before), as_np(after)) == converged(as_torch(before), as_torch(after)) == (change < 1e-5)
+    shifted = [(m + rng.uniform(0, 0.1, m.shape) * np.sqrt(v), v) for m, v in before]  # every mean, by its own step
+    for new in (after, shifted):
+        figure = np_movement(as_np(before), as_np(new))
+        assert figure == pytest.approx(statistics_movement(as_torch(before), as_torch(new)), rel=1e-12, abs=1e-15)
