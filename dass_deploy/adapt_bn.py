@@ -58,7 +58,7 @@ class Measured:
 #: from its results files, so a new measurement that changes them fails the suite until the text follows it.
 MEASURED = {
     "trainable": Measured(2, 14.25, 19.15, "benchmarks/results/adapt_bn_passes.md"),
-    "frozen": Measured(7, -5.59, 1.36, "benchmarks/results/adapt_bn.md and adapt_bn_passes.md"),
+    "frozen": Measured(9, -5.59, 1.36, "benchmarks/results/adapt_bn.md and adapt_bn_passes.md"),
 }
 
 
