@@ -185,6 +185,40 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def adapt_variants(
+    preset: str, seed: int, runs: Path, overrides: list[str], parallel: int, variants: dict[str, list[str]]
+) -> tuple[Path, dict[str, Path]]:
+    """One source-only model of ``seed`` (alone, every core), then one adaptation per variant from it (``parallel``
+    at a time, one thread each): (source-only stage folder, {variant: adapt stage folder}). Finished stages are
+    reused, so a rerun resumes."""
+    synthesize(preset, seed, runs, overrides)
+    src = run_stage(preset, runs, "source_only", "source_only", seed_arguments(seed, runs, overrides, 1), [])
+    common = seed_arguments(seed, runs, overrides, parallel)
+    init = f"--init={src / 'last.pt'}"
+    with ThreadPoolExecutor(parallel) as pool:
+        futures = {
+            key: pool.submit(run_stage, preset, runs, f"variant-{key}", "adapt", common, [init, *extra])
+            for key, extra in variants.items()
+        }
+        return src, {key: f.result() for key, f in futures.items()}
+
+
+def variant_record(stage_dir: Path, dataset) -> dict:
+    """What every check scores of an adapted model: target val, target-train and its static labels."""
+    return {
+        "val": {k: final_metrics(stage_dir)[k] for k in ("miou", "iou")},
+        "target_train": target_train_miou(stage_dir),
+        "labels": label_figures(stage_dir, dataset),
+    }
+
+
+def stage_minutes(src: Path, dirs: dict[str, Path]) -> dict[str, float]:
+    return {
+        name: json.loads((d.parent / "summary.json").read_text())["stages"][d.name]["minutes"]
+        for name, d in [("source_only", src), *((f"variant-{k}", d) for k, d in dirs.items())]
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="extra config overrides for every run (section.key=value)")
@@ -197,17 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/base_recipe.py " + " ".join(shlex.quote(w) for w in [*words, *args.overrides])
     runs = Path(args.runs) / f"base-recipe-seed{args.seed}"
     start = time.perf_counter()
-    synthesize(PRESET, args.seed, runs, args.overrides)
-    # source-only alone on every core, then the adaptations side by side
-    src = run_stage(PRESET, runs, "source_only", "source_only", seed_arguments(args.seed, runs, args.overrides, 1), [])
-    common = seed_arguments(args.seed, runs, args.overrides, args.parallel)
-    init = f"--init={src / 'last.pt'}"
-    with ThreadPoolExecutor(args.parallel) as pool:
-        futures = {
-            key: pool.submit(run_stage, PRESET, runs, f"variant-{key}", "adapt", common, [init, *ROWS[0][1], *extra])
-            for key, (_, extra) in VARIANTS.items()
-        }
-        dirs = {key: f.result() for key, f in futures.items()}
+    variants = {key: [*ROWS[0][1], *extra] for key, (_, extra) in VARIANTS.items()}
+    src, dirs = adapt_variants(PRESET, args.seed, runs, args.overrides, args.parallel, variants)
 
     dataset = target_train_labelled(PRESET, args.seed, args.overrides)
     result = {
@@ -218,19 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         "rule": {"margin": MARGIN, "tie": TIE, "regime": REGIME, "candidates": list(CANDIDATES)},
         "source_only": {"val": final_metrics(src), "target_train": target_train_miou(src)},
         "variants": {
-            key: {
-                "changes": what,
-                "overrides": extra,
-                "val": {k: final_metrics(dirs[key])[k] for k in ("miou", "iou")},
-                "target_train": target_train_miou(dirs[key]),
-                "labels": label_figures(dirs[key], dataset),
-            }
+            key: {"changes": what, "overrides": extra, **variant_record(dirs[key], dataset)}
             for key, (what, extra) in VARIANTS.items()
         },
-        "stage_minutes": {
-            name: json.loads((d.parent / "summary.json").read_text())["stages"][d.name]["minutes"]
-            for name, d in [("source_only", src), *((f"variant-{k}", d) for k, d in dirs.items())]
-        },
+        "stage_minutes": stage_minutes(src, dirs),
         "minutes": (time.perf_counter() - start) / 60,
     }
     result["source_only"]["val"] = {k: result["source_only"]["val"][k] for k in ("miou", "iou")}

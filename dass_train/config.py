@@ -106,6 +106,9 @@ class LossConfig:
     bcl: float = 0.1
     tau: float = 0.1
     detach_prototypes: bool = False
+    # How FCL / BCL average their pixels: pixel = every labelled pixel weighs the same (Eq. 2-3 up to the crop size);
+    # class = each class's mean first, then over classes (not the paper; the anchor check of docs/RESULTS.md).
+    contrastive_mean: str = "pixel"  # pixel | class
     # paper: entropy of softmax(logits); authors: of softmax(softmax(logits)) (their code, nearly flat; their weights
     # 0.4 / 0.12 were tuned against it). See docs/METHOD.md "Differences from the authors' run".
     entropy: str = "paper"  # paper | authors
@@ -350,6 +353,7 @@ def validate(cfg: Config) -> None:
         "method.dynamic_score": (cfg.method.dynamic_score, ("cosine", "softmax")),
         "method.prototypes": (cfg.method.prototypes, ("batch", "pair")),
         "loss.entropy": (cfg.loss.entropy, ("paper", "authors")),
+        "loss.contrastive_mean": (cfg.loss.contrastive_mean, ("pixel", "class")),
         "optim.schedule": (cfg.optim.schedule, ("poly", "rounds")),
         "run.amp": (cfg.run.amp, ("off", "bf16", "fp16")),
         "run.device": (cfg.run.device, ("auto", "cpu", "cuda")),

@@ -95,10 +95,14 @@ def bida_step(
         "ent_s": weights.ent_source * bida.entropy_loss(logit_s, weights.entropy),
         "ent_t": weights.ent_target * bida.entropy_loss(logit_t, weights.entropy),
     }
+
+    def contrast(features: Tensor, labels: Tensor, rho: Tensor, present: Tensor) -> Tensor:
+        return bida.contrastive_loss(features, labels, rho, present, weights.tau, mean=weights.contrastive_mean)
+
     if method.use_fcl:  # Eq. 2: target pixels against source prototypes
-        losses["fcl"] = weights.fcl * bida.contrastive_loss(f_t, y_t, rho_s, pres_s, weights.tau)
+        losses["fcl"] = weights.fcl * contrast(f_t, y_t, rho_s, pres_s)
     if method.use_bcl:  # Eq. 3: source pixels against target prototypes
-        losses["bcl"] = weights.bcl * bida.contrastive_loss(f_s, y_s, rho_t, pres_t, weights.tau)
+        losses["bcl"] = weights.bcl * contrast(f_s, y_s, rho_t, pres_t)
 
     counts: dict[str, Tensor] = {}
     if target_gt is not None:

@@ -28,7 +28,14 @@ def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 def test_every_script_is_covered():
     names = {p.name for p in SCRIPTS}
-    assert {"proxy_regime.py", "synth_tables.py", "pretrain_backbone.py", "time_demo.py", "adapt_bn.py"} <= names
+    assert {
+        "proxy_regime.py",
+        "synth_tables.py",
+        "pretrain_backbone.py",
+        "time_demo.py",
+        "adapt_bn.py",
+        "anchor_check.py",
+    } <= names
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO / "benchmarks")))
@@ -283,3 +290,52 @@ def test_base_recipe_tiny_run(tmp_path):
     assert (a["method"]["use_fcl"], a["method"]["dynamic_labels"]) == (False, "off")  # L_base only
     assert config("control")["loss"]["seg_target"] == 0
     assert "Rule's choice" in (out / "base_recipe-seed7.md").read_text()
+
+
+def test_anchor_check_rule():
+    """The rule written in docs/RESULTS.md before measuring: BiDA must end below L_base on the seed, and a repair
+    must beat BiDA by 1 point; of two, the higher."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from anchor_check import choose
+
+    def verdict(l_base: float, bida: float, balanced: float, fixed: float) -> str:
+        scores = {"L_base": l_base, "BiDA": bida, "BiDA-class": balanced, "BiDA-fixed": fixed}
+        return choose({"variants": {k: {"target_train": {"miou": v}} for k, v in scores.items()}})[0]
+
+    assert verdict(0.25, 0.255, 0.28, 0.28) == "no failure"  # BiDA above L_base: nothing to repair
+    assert verdict(0.25, 0.24, 0.249, 0.2495) == "no repair"  # within a point of BiDA
+    assert verdict(0.25, 0.24, 0.251, 0.249) == "BiDA-class"
+    assert verdict(0.25, 0.24, 0.255, 0.262) == "BiDA-fixed"
+
+
+@pytest.mark.slow
+def test_anchor_check_tiny_run(tmp_path):
+    out = tmp_path / "results"
+    args = ["--seed", "7", "--parallel", "2", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    proc = run("benchmarks/anchor_check.py", *args, *tiny(tmp_path / "data"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((out / "anchor_check-seed7.json").read_text())
+    assert record["command"] == "python benchmarks/anchor_check.py --seed 7 " + " ".join(tiny(tmp_path / "data"))
+    assert set(record["variants"]) == {"L_base", "BiDA", "BiDA-class", "BiDA-fixed"}
+    assert record["choice"] in {"no failure", "no repair", "BiDA-class", "BiDA-fixed"} and record["why"]
+    for v in record["variants"].values():
+        assert 0.0 <= v["target_train"]["miou"] <= 1.0 and len(v["target_train"]["iou"]) == 19
+        assert set(v["diagnostics"]) >= {"own_sim", "margin", "spread", "proto_cos"}
+    import yaml
+
+    def loss_and_method(variant: str) -> tuple[dict, dict]:
+        cfg = yaml.safe_load(
+            (tmp_path / "runs" / "anchor-check-seed7" / f"variant-{variant}" / "config.yaml").read_text()
+        )
+        return cfg["loss"], cfg["method"]
+
+    assert loss_and_method("L_base")[1]["use_fcl"] is False
+    bida_loss, bida_method = loss_and_method("BiDA")
+    assert (bida_method["dynamic_labels"], bida_loss["contrastive_mean"], bida_loss["detach_prototypes"]) == (
+        "calibrated",
+        "pixel",
+        False,
+    )
+    assert loss_and_method("BiDA-class")[0]["contrastive_mean"] == "class"
+    assert loss_and_method("BiDA-fixed")[0]["detach_prototypes"] is True
+    assert "Rule's verdict" in (out / "anchor_check-seed7.md").read_text()

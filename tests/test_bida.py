@@ -72,6 +72,16 @@ def ref_contrastive(f, y, protos, present, tau, absent_as_minus_one: bool = Fals
     return sum(losses) / len(losses) if losses else 0.0
 
 
+def ref_contrastive_class_mean(f, y, protos, present, tau) -> float:
+    """``mean="class"``: Eq. 2/3 averaged over each class's pixels, then over the classes that have any."""
+    per_class = []
+    for c in range(len(present)):
+        if present[c] and (y == c).any():
+            keep = torch.where(y == c, y, torch.full_like(y, IGN))
+            per_class.append(ref_contrastive(f, keep, protos, present, tau))
+    return sum(per_class) / len(per_class) if per_class else 0.0
+
+
 # ------------------------------------------------------------------------------------------------------ downsample
 def test_downsample_labels_nearest_keeps_ignore(gen):
     labels = torch.randint(0, 4, (2, 16, 24), generator=gen)
@@ -135,15 +145,55 @@ def test_contrastive_loss_matches_equation(gen, tau):
         assert abs(buggy - expected) > 1e-3
 
 
+def test_contrastive_loss_class_mean_matches_its_reference(gen):
+    f = torch.randn(N, C, H, W, generator=gen)
+    protos, present = bida.class_prototypes(torch.randn(N, C, H, W, generator=gen), random_labels(gen, absent=(1,)), K)
+    y = random_labels(gen, absent=(3,))
+    y[:, : H // 2] = 0  # one class owns most pixels, as road does in the paper regime's static labels
+    loss = bida.contrastive_loss(f, y, protos, present, 0.5, mean="class")
+    expected = ref_contrastive_class_mean(f, y, protos, present.tolist(), 0.5)
+    assert float(loss) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    pixel = bida.contrastive_loss(f, y, protos, present, 0.5)
+    assert abs(float(pixel) - expected) > 1e-3  # the two means differ when the classes are unbalanced
+
+
+def test_contrastive_loss_class_mean_ignores_class_size(gen):
+    """Repeating every pixel of one class (the image twice as road-heavy) leaves the class mean as it was."""
+    f = torch.randn(1, C, 2, 6, generator=gen)
+    y = torch.tensor([[[0, 0, 1, 2, IGN, 3], [0, 1, 2, 2, 3, 0]]])
+    protos, present = torch.randn(K, C, generator=gen), torch.ones(K, dtype=torch.bool)
+    road = (y[0] == 0).nonzero()
+    extra_f = f[0][:, road[:, 0], road[:, 1]][None, :, None]  # [1,C,1,R]: class 0's pixels again
+    f2 = torch.cat([f.reshape(1, C, 1, -1), extra_f], dim=3)
+    y2 = torch.cat([y.reshape(1, 1, -1), torch.zeros(1, 1, len(road), dtype=torch.long)], dim=2)
+    for mean, same in (("class", True), ("pixel", False)):
+        a = bida.contrastive_loss(f, y, protos, present, 0.1, mean=mean)
+        b = bida.contrastive_loss(f2, y2, protos, present, 0.1, mean=mean)
+        assert torch.allclose(a, b, atol=1e-6) is same, mean
+
+
+def test_contrastive_loss_rejects_an_unknown_mean(gen):
+    with pytest.raises(ValueError, match="mean"):
+        bida.contrastive_loss(
+            torch.randn(N, C, H, W),
+            random_labels(gen),
+            torch.randn(K, C),
+            torch.ones(K, dtype=torch.bool),
+            mean="median",
+        )
+
+
 def test_contrastive_loss_no_valid_pixel_is_zero_with_gradient(gen):
     protos, present = bida.class_prototypes(torch.randn(N, C, H, W, generator=gen), random_labels(gen, absent=(0,)), K)
     for y in (torch.full((N, H, W), IGN), torch.zeros(N, H, W, dtype=torch.long)):  # all ignore / only absent class 0
         f = torch.randn(N, C, H, W, generator=gen, requires_grad=True)
         p = protos.clone().requires_grad_(True)
-        loss = bida.contrastive_loss(f, y, p, present, 0.1)
-        assert loss.item() == 0.0 and torch.isfinite(loss.detach())
-        loss.backward()
-        assert torch.all(f.grad == 0) and torch.all(p.grad == 0)
+        for mean in ("pixel", "class"):
+            f.grad = p.grad = None
+            loss = bida.contrastive_loss(f, y, p, present, 0.1, mean=mean)
+            assert loss.item() == 0.0 and torch.isfinite(loss.detach())
+            loss.backward()
+            assert torch.all(f.grad == 0) and torch.all(p.grad == 0)
 
 
 def test_contrastive_loss_no_present_class_is_finite(gen):
@@ -158,7 +208,9 @@ def test_contrastive_loss_gradcheck(gen):
     p = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([[[0, 1], [IGN, 3]]])
     present = torch.tensor([True, True, False, True])
-    assert torch.autograd.gradcheck(lambda f_, p_: bida.contrastive_loss(f_, y, p_, present, 0.5), (f, p))
+    for mean in ("pixel", "class"):
+        check = lambda f_, p_, m=mean: bida.contrastive_loss(f_, y, p_, present, 0.5, mean=m)  # noqa: E731
+        assert torch.autograd.gradcheck(check, (f, p))
 
 
 def test_contrastive_loss_prototype_gradient_flows_through_class_prototypes(gen):

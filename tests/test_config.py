@@ -54,6 +54,7 @@ def test_overrides_are_typed():
         ("optim=3", "'optim' is a section"),
         ("nokey", "not of the form"),
         ("data.synthetic_style_shift=1.5", "data.synthetic_style_shift=1.5 must be in"),
+        ("loss.contrastive_mean=median", "loss.contrastive_mean='median' is not one of pixel, class"),
     ],
 )
 def test_bad_overrides_name_the_option(override, message):

@@ -167,6 +167,23 @@ def test_entropy_switch_changes_the_term_and_its_gradient():
     assert torch.allclose(step.losses["ent_t"], WEIGHTS.ent_target * bida.entropy_loss(x["logit_t"], "authors"))
 
 
+def test_contrastive_mean_switch_reaches_both_terms():
+    x = _inputs()
+    pixel, balanced = (
+        _step(x, _memory()),
+        _step(x, _memory(), weights=dataclasses.replace(WEIGHTS, contrastive_mean="class")),
+    )
+    rho_s, pres_s = bida.class_prototypes(x["f_s"], x["label_s"], K)
+    rho_t, pres_t = bida.class_prototypes(x["f_t"], balanced.y_t, K)
+    fcl = bida.contrastive_loss(x["f_t"], balanced.y_t, rho_s, pres_s, WEIGHTS.tau, mean="class")
+    bcl = bida.contrastive_loss(x["f_s"], x["label_s"], rho_t, pres_t, WEIGHTS.tau, mean="class")
+    assert torch.allclose(balanced.losses["fcl"], WEIGHTS.fcl * fcl, atol=1e-6)
+    assert torch.allclose(balanced.losses["bcl"], WEIGHTS.bcl * bcl, atol=1e-6)
+    for key in ("fcl", "bcl"):
+        assert not torch.allclose(balanced.losses[key], pixel.losses[key], atol=1e-4), key
+    assert torch.equal(balanced.losses["seg_t"], pixel.losses["seg_t"])  # nothing else moves
+
+
 def test_dynamic_score_switch_thresholds_softmax_instead_of_cosine():
     protos = torch.zeros(K, 3)
     protos[0] = torch.tensor([1.0, 0.0, 0.0])
