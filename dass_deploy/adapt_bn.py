@@ -57,7 +57,7 @@ class Measured:
 #: The figures the warnings and the model card quote, by ``bn_training``; tests/test_adapt_bn.py recomputes each one
 #: from its results files, so a new measurement that changes them fails the suite until the text follows it.
 MEASURED = {
-    "trainable": Measured(4, 14.25, 19.15, "benchmarks/results/adapt_bn_passes.md and adapt_bn.md"),
+    "trainable": Measured(8, 10.45, 21.5, "benchmarks/results/adapt_bn_passes.md and adapt_bn.md"),
     "frozen": Measured(9, -5.59, 1.36, "benchmarks/results/adapt_bn.md and adapt_bn_passes.md"),
 }
 
