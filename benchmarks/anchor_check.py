@@ -26,7 +26,6 @@ benchmarks/results/anchor_check-seed<S>.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
@@ -34,13 +33,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from base_recipe import adapt_variants, stage_minutes, target_train_miou, variant_record  # noqa: E402
+from base_recipe import (  # noqa: E402  (the selection-seed machinery of the base-recipe check)
+    adapt_variants,
+    save_result,
+    selection_parser,
+    stage_minutes,
+    target_train_miou,
+    variant_record,
+)
 from synth_tables import DIAG, ROWS, final_metrics, source_only_diagnostics, target_train_labelled  # noqa: E402
 
 from dass_deploy.machine import describe_machine, machine_markdown  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
 PRESET = "synth2real_paper"
 BIDA = ROWS[-1][1]
 VARIANTS = {  # key: (what it is, overrides of the adaptation stage)
@@ -126,12 +130,7 @@ def to_markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="extra config overrides for every run (section.key=value)")
-    p.add_argument("--seed", type=int, default=100, help="the selection seed (not a Table 3 seed)")
-    p.add_argument("--parallel", type=int, default=2, help="adaptations at a time (each gets run.threads=1 when > 1)")
-    p.add_argument("--runs", default=str(REPO / "runs"), help="folder of the run folders")
-    p.add_argument("--out", default=str(RESULTS))
+    p = selection_parser(__doc__)
     args = p.parse_args(argv)
     if args.parallel < 1:
         p.error("--parallel: must be >= 1")
@@ -170,12 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "minutes": (time.perf_counter() - start) / 60,
     }
     result["choice"], result["why"] = choose(result)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"anchor_check-seed{args.seed}.json").write_text(json.dumps(result, indent=1) + "\n")
-    text = to_markdown(result)
-    (out / f"anchor_check-seed{args.seed}.md").write_text(text)
-    print(text)
+    save_result(Path(args.out), f"anchor_check-seed{args.seed}", result, to_markdown(result))
     return 0
 
 

@@ -219,14 +219,27 @@ def stage_minutes(src: Path, dirs: dict[str, Path]) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def selection_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every selection-seed check takes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="extra config overrides for every run (section.key=value)")
     p.add_argument("--seed", type=int, default=100, help="the selection seed (not a Table 3 seed)")
     p.add_argument("--parallel", type=int, default=2, help="adaptations at a time (each gets run.threads=1 when > 1)")
     p.add_argument("--runs", default=str(REPO / "runs"), help="folder of the run folders")
     p.add_argument("--out", default=str(RESULTS))
-    args = p.parse_args(argv)
+    return p
+
+
+def save_result(out: Path, stem: str, result: dict, text: str) -> None:
+    """<stem>.json and <stem>.md in ``out``; the markdown is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = selection_parser(__doc__).parse_args(argv)
     words = [*(["--seed", str(args.seed)] if args.seed != 100 else []), "--parallel", str(args.parallel)]
     command = "python benchmarks/base_recipe.py " + " ".join(shlex.quote(w) for w in [*words, *args.overrides])
     runs = Path(args.runs) / f"base-recipe-seed{args.seed}"
@@ -251,12 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["source_only"]["val"] = {k: result["source_only"]["val"][k] for k in ("miou", "iou")}
     result["choice"], result["why"] = choose(result)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"base_recipe-seed{args.seed}.json").write_text(json.dumps(result, indent=1) + "\n")
-    text = to_markdown(result)
-    (out / f"base_recipe-seed{args.seed}.md").write_text(text)
-    print(text)
+    save_result(Path(args.out), f"base_recipe-seed{args.seed}", result, to_markdown(result))
     return 0
 
 
