@@ -262,13 +262,18 @@ def test_base_recipe_rule():
     assert choose(_recipe_result({**base, "B": 0.255, "C": 0.29, "D": 0.30}, out_of_regime))[0] == "A"
 
 
-@pytest.mark.slow
-def test_base_recipe_tiny_run(tmp_path):
+def selection_tiny_run(script: str, tmp_path: Path) -> tuple[dict, Path]:
+    """A selection-seed check (base_recipe, anchor_check) end to end on the tiny set, seed 7: (its json, results)."""
     out = tmp_path / "results"
     args = ["--seed", "7", "--parallel", "2", "--runs", str(tmp_path / "runs"), "--out", str(out)]
-    proc = run("benchmarks/base_recipe.py", *args, *tiny(tmp_path / "data"))
+    proc = run(f"benchmarks/{script}.py", *args, *tiny(tmp_path / "data"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    record = json.loads((out / "base_recipe-seed7.json").read_text())
+    return json.loads((out / f"{script}-seed7.json").read_text()), out
+
+
+@pytest.mark.slow
+def test_base_recipe_tiny_run(tmp_path):
+    record, out = selection_tiny_run("base_recipe", tmp_path)
     assert record["command"] == "python benchmarks/base_recipe.py --seed 7 --parallel 2 " + " ".join(
         tiny(tmp_path / "data")
     )
@@ -310,11 +315,7 @@ def test_anchor_check_rule():
 
 @pytest.mark.slow
 def test_anchor_check_tiny_run(tmp_path):
-    out = tmp_path / "results"
-    args = ["--seed", "7", "--parallel", "2", "--runs", str(tmp_path / "runs"), "--out", str(out)]
-    proc = run("benchmarks/anchor_check.py", *args, *tiny(tmp_path / "data"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    record = json.loads((out / "anchor_check-seed7.json").read_text())
+    record, out = selection_tiny_run("anchor_check", tmp_path)
     assert record["command"] == "python benchmarks/anchor_check.py --seed 7 " + " ".join(tiny(tmp_path / "data"))
     assert set(record["variants"]) == {"L_base", "BiDA", "BiDA-class", "BiDA-fixed"}
     assert record["choice"] in {"no failure", "no repair", "BiDA-class", "BiDA-fixed"} and record["why"]
